@@ -1,0 +1,290 @@
+"""``rcopy``: the command-line management terminal (see shared CLI.md for the contract).
+
+Every command prints a result (JSON with ``--json``) and exits non-zero with a
+one-line ``rcopy: error: ...`` on failure; never a traceback for a user mistake
+or an unreachable node.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cluster import find_cluster_file, parse_size
+from .errors import RcopyError, UsageError
+from .terminal import Terminal
+
+
+def _terminal(args: argparse.Namespace) -> Terminal:
+    return Terminal(find_cluster_file(args.cluster))
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str | None = None) -> None:
+    if getattr(args, "json", False) or text is None:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _progress(args: argparse.Namespace):
+    def show(msg: str) -> None:
+        if not getattr(args, "json", False) or sys.stderr.isatty():
+            print(f"rcopy: {msg}", file=sys.stderr, flush=True)
+    return show
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_node(args: argparse.Namespace) -> int:
+    term = _terminal(args)
+    if args.action == "start":
+        r = term.node_start(args.node)
+        _emit(args, r, f"{args.node}: {'started' if r['started'] else 'already running'} (pid {r['pid']})")
+    else:
+        r = term.node_stop(args.node)
+        _emit(args, r, f"{args.node}: {'stopped' if r['stopped'] else 'was not running'}")
+    return 0
+
+
+def cmd_volume(args: argparse.Namespace) -> int:
+    r = _terminal(args).volume_create(args.volume, parse_size(args.size))
+    _emit(args, r, f"created {args.volume} ({r['size']} bytes)")
+    return 0
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    term = _terminal(args)
+    if args.action == "create":
+        r = term.pair_create(args.primary, args.secondary, args.mode, args.group, args.transfer,
+                             parse_size(args.journal_size) if args.journal_size else None)
+        if args.wait:
+            r = term.wait_duplex(args.primary)
+        _emit(args, r, f"pair {args.primary} -> {args.secondary} ({args.mode}): {r['state']}")
+    elif args.action == "delete":
+        r = term.pair_command("delete", args.primary, force=args.force)
+        _emit(args, r, f"pair of {args.primary} deleted")
+    else:
+        r = term.pair_command(args.action, args.primary)
+        _emit(args, r, f"pair of {args.primary}: {r.get('state')}")
+    return 0
+
+
+def cmd_vvol(args: argparse.Namespace) -> int:
+    r = _terminal(args).vvol_create(args.name, args.target)
+    _emit(args, r, f"virtual volume {args.name} -> {args.target}")
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    device = _terminal(args).attach(args.name)
+    _emit(args, {"name": args.name, "device": device}, device)
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    _terminal(args).detach(args.name)
+    _emit(args, {"name": args.name, "detached": True}, f"{args.name} detached")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _terminal(args).status()
+    if args.json:
+        _emit(args, st)
+        return 0
+    lines = ["NODES"]
+    for n in st["nodes"]:
+        lines.append(f"  {n['name']:<10} {'up' if n['up'] else 'DOWN':<5} pid={n['pid']}  {n['control']}")
+    lines.append("VOLUMES")
+    for v in st["volumes"]:
+        lines.append(f"  {v['node']}:{v['name']:<8} {v['size'] / 2**20:>8.0f} MiB  {v['role']:<9} "
+                     f"rw_mode={v['rw_mode']}" + ("" if v.get("consistent", True) else "  (inconsistent)"))
+    lines.append("PAIRS")
+    for p in st["pairs"]:
+        lines.append(f"  {p['primary']} -> {p['secondary']}  {p['mode']:<5} group={p['group']} "
+                     f"state={p['state']} lag={p['lag_writes']} writes/{p['lag_bytes']} bytes "
+                     f"valid={p['copy_source_valid']}" + (f"  ({p['suspend_reason']})" if p.get("suspend_reason") else ""))
+    if st["migrations"]:
+        lines.append("MIGRATIONS")
+        for m in st["migrations"]:
+            lines.append(f"  {m['source']} -> {m['target']}  mode={m['mode']} phase={m.get('phase')} "
+                         f"migrated={m['migrated_fraction']:.1%} state={m['state']}")
+    if st.get("vvols"):
+        lines.append("VIRTUAL VOLUMES")
+        for v in st["vvols"]:
+            lines.append(f"  {v['name']} -> {v['target']}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    r = _terminal(args).verify(args.a, args.b, wait=not args.no_wait, timeout_s=args.timeout)
+    if r["identical"]:
+        _emit(args, r, f"{args.a} and {args.b} are identical ({r['size']} bytes)")
+        return 0
+    _emit(args, r, f"{args.a} and {args.b} differ: {r.get('reason') or ''}"
+                   f"{r.get('differing_chunks', '')} chunk(s), first at offsets {r['differences']}")
+    return 1
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    term = _terminal(args)
+    volume_map = {}
+    for item in args.map or []:
+        src, sep, dst = item.partition("=")
+        if not sep:
+            raise UsageError(f"--map takes SRC_VOL=DST_VOL, got {item!r}")
+        volume_map[src] = dst
+    show = _migration_progress(args)
+    r = term.migrate(args.source, args.to, group=args.group, dual_write=args.dual_write,
+                     volume_map=volume_map, wait=not args.no_wait, force=args.force, progress=show)
+    if sys.stderr.isatty() and not args.json:
+        print(file=sys.stderr)
+    if args.no_wait:
+        _emit(args, r, f"migration {args.source} -> {args.to} started; follow it with rcopy status")
+    else:
+        _emit(args, r, f"migrated {args.source} -> {args.to}: {r['state']}; longest host pause "
+                       f"{r['host_pause_ms_max']} ms (path switch {r['switch_held_ms']} ms, "
+                       f"handover {r.get('handover_ms', 0)} ms)")
+    return 0
+
+
+def _migration_progress(args: argparse.Namespace):
+    tty = sys.stderr.isatty()
+    last = {"line": ""}
+
+    def show(m: dict) -> None:
+        rate = m.get("rate_bytes_s") or 0
+        line = (f"rcopy: migrating {m.get('source')} -> {m.get('target')}: phase {m.get('phase')}, "
+                f"{(m.get('migrated_fraction') or 0):.0%} migrated, {rate / 2**20:.0f} MiB/s"
+                + (f", waiting for {m['waiting_for']}" if m.get("waiting_for") else ""))
+        if tty:
+            print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
+        elif line.split(",")[0:2] != last["line"].split(",")[0:2]:
+            print(line, file=sys.stderr, flush=True)
+        last["line"] = line
+    return show
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    r = _terminal(args).remove(args.node)
+    _emit(args, r, f"{args.node} unregistered ({', '.join(r['unregistered']) or 'no volumes'})")
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from . import lab
+    if args.action == "up":
+        r = lab.up(Path(args.dir), mode=args.mode, size=parse_size(args.size), netns=args.netns,
+                   progress=_progress(args))
+        print(json.dumps(r, indent=2))
+    else:
+        r = lab.down(Path(args.dir))
+        _emit(args, r, f"lab in {r['dir']} is down")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import blockwriter
+    return blockwriter.main(args.rest)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rcopy", description="Remote copy for block volumes with live migration.")
+    p.add_argument("--cluster", help="cluster file (default: $RCOPY_CLUSTER or ./cluster.toml)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.set_defaults(func=func)
+        sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    sp = command("node", cmd_node, "start or stop a storage node (or the vvol server)")
+    sp.add_argument("action", choices=["start", "stop"])
+    sp.add_argument("node")
+
+    sp = command("volume", cmd_volume, "create a volume")
+    sp.add_argument("action", choices=["create"])
+    sp.add_argument("volume", metavar="NODE:VOL")
+    sp.add_argument("--size", required=True, help="e.g. 512M, 4G")
+
+    sp = command("pair", cmd_pair, "create, suspend, resume or delete a remote-copy pair")
+    psub = sp.add_subparsers(dest="action", required=True)
+    c = psub.add_parser("create")
+    c.add_argument("primary", metavar="PRIMARY")
+    c.add_argument("secondary", metavar="SECONDARY")
+    c.add_argument("--mode", choices=["sync", "async"], required=True)
+    c.add_argument("--group", help="consistency group (async; default: the primary volume's name)")
+    c.add_argument("--transfer", choices=["push", "pull"], default="push")
+    c.add_argument("--journal-size", help="journal capacity for a new async group (default 256M)")
+    c.add_argument("--wait", action="store_true", help="return when the initial copy is done")
+    for action in ("suspend", "resume", "delete"):
+        a = psub.add_parser(action)
+        a.add_argument("primary", metavar="PRIMARY")
+        if action == "delete":
+            a.add_argument("--force", action="store_true", help="delete even if the secondary is down")
+    for a in psub.choices.values():
+        a.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = command("vvol", cmd_vvol, "create a virtual volume")
+    sp.add_argument("action", choices=["create"])
+    sp.add_argument("name")
+    sp.add_argument("--target", required=True, metavar="NODE:VOL")
+
+    sp = command("attach", cmd_attach, "attach a virtual volume as a local block device")
+    sp.add_argument("name")
+    sp = command("detach", cmd_detach, "detach a virtual volume")
+    sp.add_argument("name")
+
+    sp = command("migrate", cmd_migrate, "move a primary to a new volume while hosts keep writing")
+    sp.add_argument("source", metavar="SOURCE")
+    sp.add_argument("--to", required=True, metavar="TARGET")
+    sp.add_argument("--group", help="move every primary of this consistency group together")
+    sp.add_argument("--map", action="append", metavar="SRC_VOL=DST_VOL",
+                    help="target volume of another group member (default: same name on the target node)")
+    sp.add_argument("--dual-write", action="store_true", help="also write the source during migration")
+    sp.add_argument("--no-wait", action="store_true")
+    sp.add_argument("--force", action="store_true", help="allow a target that holds data")
+
+    sp = command("remove", cmd_remove, "unregister an old node after its primaries were migrated away")
+    sp.add_argument("node")
+
+    command("status", cmd_status, "nodes, volumes, pairs, migrations")
+
+    sp = command("verify", cmd_verify, "wait for replication to drain, then compare two volumes")
+    sp.add_argument("a", metavar="VOLUME")
+    sp.add_argument("b", metavar="VOLUME")
+    sp.add_argument("--no-wait", action="store_true")
+    sp.add_argument("--timeout", type=float, default=600.0)
+
+    sp = command("lab", cmd_lab, "start or stop a complete three-site lab on this machine")
+    sp.add_argument("action", choices=["up", "down"])
+    sp.add_argument("--dir", default="rcopy-lab")
+    sp.add_argument("--mode", choices=["sync", "async"], default="async")
+    sp.add_argument("--size", default="1G")
+    sp.add_argument("--netns", action="store_true", help="each site in its own network namespace")
+
+    sp = sub.add_parser("check", help="crash-consistency writer/checker (see rcopy check -h)", add_help=False)
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RcopyError as exc:
+        print(f"rcopy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rcopy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""``rcopy lab up|down``: a complete three-site lab on this machine (CLI.md, "The lab").
+
+Nodes site-a1 and site-a2 (the local site's old and new systems) and site-b (the
+remote site), volumes v1/v2/v3, the pair site-a1:v1 -> site-b:v3, a virtual
+volume ``app`` on site-a1:v1 attached as a local block device. ``lab down``
+undoes all of it, also after a failed ``lab up``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+from . import process
+from .cluster import Cluster, Endpoint, dump, load
+from .errors import RcopyError
+from .terminal import Terminal
+
+NODES = ("site-a1", "site-a2", "site-b")
+VOLUMES = {"site-a1": "v1", "site-a2": "v2", "site-b": "v3"}
+VVOL = "app"
+LAB_MARK = ".rcopy-lab"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_cluster(lab_dir: Path) -> Cluster:
+    cluster = Cluster(path=lab_dir / "cluster.toml", dir=lab_dir)
+    for name in NODES:
+        state = lab_dir / name
+        cluster.nodes[name] = Endpoint(name, "node", f"tcp://127.0.0.1:{free_port()}",
+                                       str(state / "nbd.sock"), state)
+    state = lab_dir / "host"
+    cluster.vvol_servers["host"] = Endpoint("host", "vvol_server", f"tcp://127.0.0.1:{free_port()}",
+                                            str(state / "nbd.sock"), state)
+    return cluster
+
+
+def up(lab_dir: Path, mode: str = "async", size: int = 1 << 30, netns: bool = False,
+       progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Build the lab; on any failure tear down what was built and re-raise."""
+    lab_dir = lab_dir.resolve()
+    if (lab_dir / "cluster.toml").exists():
+        raise RcopyError(f"a lab already exists in {lab_dir}; run rcopy lab down --dir {lab_dir} first")
+    if netns:
+        raise RcopyError("--netns is not available yet in this version")
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    (lab_dir / LAB_MARK).write_text("made by rcopy lab up\n")
+    cluster = make_cluster(lab_dir)
+    cluster.path.write_text(dump(cluster))
+    term = Terminal(cluster)
+    try:
+        for name in [*NODES, "host"]:
+            progress(f"starting {name}")
+            term.node_start(name)
+        for node, vol in VOLUMES.items():
+            term.volume_create(f"{node}:{vol}", size)
+        progress(f"pair site-a1:v1 -> site-b:v3 ({mode}), initial copy")
+        term.pair_create("site-a1:v1", "site-b:v3", mode=mode, group="g0")
+        term.wait_duplex("site-a1:v1", timeout_s=600)
+        term.vvol_create(VVOL, "site-a1:v1")
+        progress("attaching the virtual volume")
+        device = term.attach(VVOL)
+    except BaseException:
+        down(lab_dir)
+        raise
+    return {"cluster": str(cluster.path), "device": device, "nodes": list(NODES), "vvol": VVOL,
+            "mode": mode, "size": size, "dir": str(lab_dir),
+            "volumes": [f"{n}:{v}" for n, v in VOLUMES.items()]}
+
+
+def down(lab_dir: Path) -> dict[str, Any]:
+    """Stop everything a lab in ``lab_dir`` started and delete its files."""
+    lab_dir = lab_dir.resolve()
+    report: dict[str, Any] = {"dir": str(lab_dir), "detached": [], "stopped": []}
+    if not lab_dir.exists():
+        return report
+    if not (lab_dir / LAB_MARK).exists():
+        raise RcopyError(f"{lab_dir} was not made by rcopy lab up; not touching it")
+    from . import attach
+    for a in attach.attached(lab_dir):
+        unmount_device(a.get("device"))
+        attach.detach(a["name"], lab_dir)
+        report["detached"].append(a["name"])
+    try:
+        cluster = load(lab_dir / "cluster.toml")
+        daemons = [*cluster.vvol_servers.values(), *cluster.nodes.values()]
+    except RcopyError:
+        daemons = []
+    for ep in daemons:
+        if process.stop_pid(process.read_pid(str(ep.pidfile))):
+            report["stopped"].append(ep.name)
+    shutil.rmtree(lab_dir, ignore_errors=True)
+    return report
+
+
+def unmount_device(device: str | None) -> None:
+    """Unmount every mount of ``device`` (a user may have mounted the lab's disk)."""
+    if not device:
+        return
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return
+    for line in reversed(mounts):
+        fields = line.split()
+        if fields and fields[0] == device:
+            subprocess.run(["umount", "-l", fields[1]], check=False, timeout=60)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2)

@@ -1,0 +1,192 @@
+"""Unit tests of the pure pieces: wire encoding, region maps, state tables, ordered apply."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from replicator import states, wire
+from replicator.applier import OrderedApplier
+from replicator.cluster import parse_size, parse_volume
+from replicator.errors import IntegrityError, NotFound, ProtocolError, StateError, UsageError
+from replicator.regionmap import RegionMap
+
+
+# ---------------------------------------------------------------- wire
+def test_wire_round_trip():
+    msg = wire.Message("pair.write", {"volume": "v3", "offset": 4096}, [b"x" * 10, b""])
+    back = wire.decode(wire.encode(msg))
+    assert back == msg
+
+
+@pytest.mark.parametrize("frames", [
+    [], [b""], [b"\x02{}"], [b"\x01not json"], [b"\x01[1,2]"], [b'\x01{"kind": 5}'],
+    [b'\x01{"kind": "x", "fields": []}'], [b"\x01\xff\xfe"],
+])
+def test_wire_rejects_malformed(frames):
+    with pytest.raises(ProtocolError):
+        wire.decode(frames)
+
+
+@given(st.lists(st.binary(max_size=64), max_size=5))
+@settings(max_examples=300)
+def test_wire_fuzz_never_crashes(frames):
+    try:
+        wire.decode(frames)
+    except ProtocolError:
+        pass
+
+
+def test_error_reply_raises_same_class():
+    reply = wire.error_reply(NotFound("no volume x"))
+    with pytest.raises(NotFound, match="no volume x"):
+        wire.raise_if_error(reply)
+
+
+# ---------------------------------------------------------------- region map
+def test_regionmap_ranges_and_persistence(tmp_path):
+    path = tmp_path / "d.bitmap"
+    m = RegionMap(10 << 20, 1 << 20, path)
+    assert m.nregions == 10 and m.count() == 0
+    assert m.set_range(1 << 20, 1) is True
+    assert m.set_range((1 << 20) + 5, 10) is False
+    assert m.set_range((3 << 20) - 1, 2) is True  # spans regions 2 and 3
+    assert list(m.iter_set()) == [1, 2, 3]
+    assert m.any_set(2 << 20, 4096) and not m.any_set(5 << 20, 4096)
+    m.clear(2)
+    m.close()
+    again = RegionMap(10 << 20, 1 << 20, path)
+    assert list(again.iter_set()) == [1, 3]
+    assert again.first_set() == 1 and again.first_clear() == 0
+    assert again.extent(9) == (9 << 20, 1 << 20)
+
+
+def test_regionmap_short_last_region(tmp_path):
+    m = RegionMap((2 << 20) + 512, 1 << 20)
+    assert m.nregions == 3 and m.extent(2) == (2 << 20, 512)
+    m.set_all()
+    assert m.dirty_bytes() == (2 << 20) + 512
+
+
+def test_regionmap_corrupt_file_is_reported(tmp_path):
+    path = tmp_path / "d.bitmap"
+    path.write_bytes(b"garbage")
+    with pytest.raises(IntegrityError):
+        RegionMap(1 << 20, 1 << 20, path)
+    RegionMap(4 << 20, 1 << 20, tmp_path / "ok.bitmap").close()
+    with pytest.raises(IntegrityError):
+        RegionMap(8 << 20, 1 << 20, tmp_path / "ok.bitmap")
+
+
+def test_regionmap_merge():
+    a, b = RegionMap(8 << 20), RegionMap(8 << 20)
+    a.set(1)
+    b.set(5)
+    a.merge(b.to_bytes())
+    assert list(a.iter_set()) == [1, 5]
+
+
+# ---------------------------------------------------------------- state tables
+def test_rw_mode_only_moves_forward():
+    mode = states.NORMAL
+    for nxt in (states.THROUGH, states.PENDING, states.MIGRATING, states.NORMAL):
+        mode = states.rw_transition(mode, nxt)
+    with pytest.raises(StateError, match="'migrating'"):
+        states.rw_transition(states.MIGRATING, states.PENDING)
+    with pytest.raises(StateError):
+        states.rw_transition(states.NORMAL, states.MIGRATING)
+
+
+def test_pair_transitions():
+    assert states.pair_transition(states.COPYING, states.DUPLEX) == states.DUPLEX
+    with pytest.raises(StateError):
+        states.pair_transition(states.SUSPENDED, states.DUPLEX)
+
+
+def test_copy_source_valid():
+    assert states.source_accepted("1", 1) and not states.source_accepted("1", 2)
+    assert states.source_accepted("transitional", 1) and states.source_accepted("transitional", 2)
+    assert states.source_accepted("2", 2) and not states.source_accepted("2", 1)
+    assert states.valid_transition("1", "transitional") == "transitional"
+    with pytest.raises(StateError):
+        states.valid_transition("2", "transitional")
+
+
+# ---------------------------------------------------------------- ordered apply
+def test_applier_holds_gap_then_releases_in_order():
+    a: OrderedApplier[str] = OrderedApplier(last_applied=99)
+    a.offer(102, "c", 1)
+    a.offer(101, "b", 1)
+    assert a.ready() == []  # 100 missing
+    a.offer(100, "a", 1)
+    run = a.ready()
+    assert [s for s, _ in run] == [100, 101, 102]
+    a.applied(102)
+    assert a.offer(101, "dup", 1) is False
+    with pytest.raises(StateError):
+        a.applied(50)
+
+
+@given(st.integers(1, 60), st.randoms())
+@settings(max_examples=200)
+def test_applier_any_arrival_order_applies_a_prefix(n, rnd):
+    """Invariants 12, 13, 18: whatever the arrival order and duplicates, applied output is 1..k in order."""
+    a: OrderedApplier[int] = OrderedApplier()
+    arrivals = list(range(1, n + 1)) + [rnd.randint(1, n) for _ in range(n // 3)]
+    rnd.shuffle(arrivals)
+    applied = []
+    for seq in arrivals:
+        a.offer(seq, seq, 1)
+        for s, item in a.ready():
+            applied.append(item)
+            a.applied(s)
+        assert applied == list(range(1, len(applied) + 1))
+    assert applied == list(range(1, n + 1))
+
+
+def test_applier_fig27_policy_stops_before_highest():
+    a: OrderedApplier[int] = OrderedApplier(stop_before_highest=True)
+    for s in (1, 2, 3):
+        a.offer(s, s, 1)
+    assert [s for s, _ in a.ready()] == [1, 2]
+
+
+def test_applier_two_sources_transitional():
+    """V1 sends < N0, V2 sends >= N0 interleaved; V2's data waits for V1's backlog (invariant 18)."""
+    a: OrderedApplier[str] = OrderedApplier(last_applied=10)
+    order = []
+    for seq, src in [(14, "v2"), (11, "v1"), (15, "v2"), (12, "v1"), (13, "v1")]:
+        a.offer(seq, src, 1)
+        for s, item in a.ready():
+            order.append((s, item))
+            a.applied(s)
+    assert order == [(11, "v1"), (12, "v1"), (13, "v1"), (14, "v2"), (15, "v2")]
+
+
+def test_applier_buffer_bound():
+    a: OrderedApplier[int] = OrderedApplier(buffer_bytes_max=10)
+    a.offer(5, 5, 8)
+    with pytest.raises(StateError):
+        a.offer(6, 6, 8)
+    a.offer(1, 1, 8)  # the next needed entry is always accepted
+
+
+# ---------------------------------------------------------------- cluster parsing
+@pytest.mark.parametrize("text,value", [("512M", 512 << 20), ("4G", 4 << 30), ("1048576", 1 << 20),
+                                        ("1GiB", 1 << 30), ("0.5G", 512 << 20)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-1G", "100", "1X"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def test_parse_volume():
+    assert parse_volume("site-a1:v1") == ("site-a1", "v1")
+    for bad in ("v1", ":v1", "a:", "a:b:c"):
+        with pytest.raises(UsageError):
+            parse_volume(bad)
