@@ -147,27 +147,31 @@ def parse_log(data: bytes) -> WriteLog:
     issued: dict[int, tuple[int, int]] = {}
     acked: set[int] = set()
     for lineno, line in enumerate(body.split(b"\n") if body else [], 1):
-        kind, _, rest = line.partition(b" ")
+        kind = line[:2]
         try:
-            if kind in (b"I", b"A"):
-                seq, volume, block = (int(x) for x in rest.split())
-                if seq < 1 or issued.setdefault(seq, (volume, block)) != (volume, block):
-                    raise ValueError(f"seq {seq} does not match its issued line")
-                if kind == b"A":
+            if kind == b"I " or kind == b"A ":
+                _, seq_s, volume_s, block_s = line.split(b" ")
+                seq, place = int(seq_s), (int(volume_s), int(block_s))
+                if seq < 1:
+                    raise ValueError(f"seq {seq} is not positive")
+                if issued.setdefault(seq, place) != place:
+                    raise ValueError(f"seq {seq} names another block than its issued line")
+                if kind == b"A ":
                     acked.add(seq)
-            elif kind == b"H":
+            elif kind == b"H ":
                 if out.run_id is not None:
                     raise ValueError("a second header")
-                meta = json.loads(rest)
+                meta = json.loads(line[2:])
                 if meta.get("format") != FORMAT_VERSION:
                     raise ValueError(f"unknown log format {meta.get('format')!r}")
-                out.run_id, out.volumes, out.blocks = meta["run_id"], meta["volumes"], meta["blocks"]
+                out.run_id, out.volumes = meta["run_id"], meta["volumes"]
+                out.blocks = meta["blocks"]
                 out.devices = list(meta.get("devices", []))
-            elif kind == b"E":
-                out.errors.append(json.loads(rest))
+            elif kind == b"E ":
+                out.errors.append(json.loads(line[2:]))
             else:
                 raise ValueError(f"unknown line type {kind!r}")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IntegrityError(f"write log line {lineno}: {e}: {line[:80]!r}") from None
     out.records = [Record(seq, v, b, seq in acked) for seq, (v, b) in sorted(issued.items())]
     return out

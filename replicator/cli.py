@@ -185,11 +185,6 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from . import blockwriter
-    return blockwriter.main(args.rest)
-
-
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rcopy", description="Remote copy for block volumes with live migration.")
@@ -267,13 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", default="1G")
     sp.add_argument("--netns", action="store_true", help="each site in its own network namespace")
 
-    sp = sub.add_parser("check", help="crash-consistency writer/checker (see rcopy check -h)", add_help=False)
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
-    sp.set_defaults(func=cmd_check)
+    sub.add_parser("check", help="crash-consistency writer and checker (rcopy check write|check -h)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:  # the checker has its own parser (rcopy check write|check ...)
+        from . import blockwriter
+        return blockwriter.main(argv[1:], prog="rcopy check")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
