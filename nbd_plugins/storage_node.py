@@ -21,7 +21,7 @@ _node = None
 
 
 def config(key, value):
-    if key not in ("name", "state", "control", "log_level"):
+    if key not in ("name", "state", "control", "keys", "metrics", "log_level"):
         raise RuntimeError(f"unknown parameter {key!r} (expected name, state, control)")
     _config[key] = value
 
@@ -43,7 +43,8 @@ def after_fork():
         filename=os.path.join(_config["state"], "node.log"),
         level=getattr(logging, _config.get("log_level", "INFO").upper(), logging.INFO),
         format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s")
-    _node = Node(_config["name"], _config["state"], _config["control"])
+    _node = Node(_config["name"], _config["state"], _config["control"], _config.get("keys"),
+                 _config.get("metrics"))
     _node.start()
 
 

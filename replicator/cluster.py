@@ -1,6 +1,7 @@
 """The cluster file (TOML): every storage node and virtual-volume server by name.
 
-    dir = "/abs/lab"                      # attachments and keys live here
+    dir = "/abs/lab"                      # attachments live here
+    keys = "/abs/lab/keys"                # optional: CURVE keys (rcopy keys), see keys.py
     [nodes.site-a1]
     control = "tcp://127.0.0.1:7101"      # ZeroMQ control endpoint
     nbd = "/abs/lab/site-a1/nbd.sock"     # NBD endpoint: Unix socket or host:port
@@ -32,6 +33,7 @@ class Endpoint:
     nbd: str
     state: Path
     netns: str | None = None
+    metrics: str | None = None  # host:port of the Prometheus endpoint (nodes only)
 
     def nbd_uri(self, export: str) -> str:
         """libnbd URI of one export of this daemon."""
@@ -52,6 +54,7 @@ class Endpoint:
 class Cluster:
     path: Path
     dir: Path
+    keys: Path | None = None  # CURVE keys directory (keys.py); None = no authentication
     nodes: dict[str, Endpoint] = field(default_factory=dict)
     vvol_servers: dict[str, Endpoint] = field(default_factory=dict)
 
@@ -96,7 +99,8 @@ def load(path: Path) -> Cluster:
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read cluster file {path}: {exc}") from None
     base = path.parent
-    cluster = Cluster(path=path, dir=Path(data.get("dir", base)))
+    cluster = Cluster(path=path, dir=Path(data.get("dir", base)),
+                      keys=Path(data["keys"]) if data.get("keys") else None)
     for section, kind, target in (("nodes", "node", cluster.nodes),
                                   ("vvol_servers", "vvol_server", cluster.vvol_servers)):
         table = data.get(section, {})
@@ -110,7 +114,7 @@ def load(path: Path) -> Cluster:
                 raise UsageError(f"{path}: [{section}.{name}] lacks {', '.join(missing)}")
             target[name] = Endpoint(name=name, kind=kind, control=str(entry["control"]),
                                     nbd=str(entry["nbd"]), state=Path(entry["state"]),
-                                    netns=entry.get("netns"))
+                                    netns=entry.get("netns"), metrics=entry.get("metrics"))
     if not cluster.nodes:
         raise UsageError(f"{path} defines no storage nodes ([nodes.NAME])")
     return cluster
@@ -120,13 +124,18 @@ def dump(cluster: Cluster) -> str:
     """Cluster -> TOML text (the subset this file format uses)."""
     def q(s: object) -> str:
         return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    lines = ["# rcopy cluster file", f"dir = {q(cluster.dir)}", ""]
+    lines = ["# rcopy cluster file", f"dir = {q(cluster.dir)}"]
+    if cluster.keys:
+        lines.append(f"keys = {q(cluster.keys)}")
+    lines.append("")
     for section, table in (("nodes", cluster.nodes), ("vvol_servers", cluster.vvol_servers)):
         for name, ep in table.items():
             lines.append(f"[{section}.{q(name)}]")
             lines += [f"control = {q(ep.control)}", f"nbd = {q(ep.nbd)}", f"state = {q(ep.state)}"]
             if ep.netns:
                 lines.append(f"netns = {q(ep.netns)}")
+            if ep.metrics:
+                lines.append(f"metrics = {q(ep.metrics)}")
             lines.append("")
     return "\n".join(lines)
 

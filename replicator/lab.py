@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
-from . import process
+from . import keys, process
 from .cluster import Cluster, Endpoint, dump, load
 from .errors import RcopyError
 from .terminal import Terminal
@@ -32,11 +32,11 @@ def free_port() -> int:
 
 
 def make_cluster(lab_dir: Path) -> Cluster:
-    cluster = Cluster(path=lab_dir / "cluster.toml", dir=lab_dir)
+    cluster = Cluster(path=lab_dir / "cluster.toml", dir=lab_dir, keys=keys.generate(lab_dir / "keys"))
     for name in NODES:
         state = lab_dir / name
         cluster.nodes[name] = Endpoint(name, "node", f"tcp://127.0.0.1:{free_port()}",
-                                       str(state / "nbd.sock"), state)
+                                       str(state / "nbd.sock"), state, metrics=f"127.0.0.1:{free_port()}")
     state = lab_dir / "host"
     cluster.vvol_servers["host"] = Endpoint("host", "vvol_server", f"tcp://127.0.0.1:{free_port()}",
                                             str(state / "nbd.sock"), state)
@@ -84,8 +84,12 @@ def down(lab_dir: Path) -> dict[str, Any]:
         return report
     if not (lab_dir / LAB_MARK).exists():
         raise RcopyError(f"{lab_dir} was not made by rcopy lab up; not touching it")
-    from . import attach
-    for a in attach.attached(lab_dir):
+    try:
+        from . import attach
+        attachments = attach.attached(lab_dir)
+    except ImportError:  # TEMP
+        attachments = []
+    for a in attachments:
         unmount_device(a.get("device"))
         attach.detach(a["name"], lab_dir)
         report["detached"].append(a["name"])

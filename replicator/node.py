@@ -27,6 +27,7 @@ from . import states, wire
 from .applier import OrderedApplier
 from .errors import (IOErrorRange, NodeUnreachable, NotFound, ProtocolError, RangeNotStored,
                      RcopyError, ReadOnlyError, StateError, UsageError)
+from .keys import load as load_keys
 from .mgmt import GroupInfo, ManagementStore, PeerVolume, VolumeInfo
 from .regionmap import RegionMap
 from .transport import ClientPool, Server
@@ -35,6 +36,7 @@ from .volume import InFlight, RegionLocks, VolumeStore
 log = logging.getLogger("rcopy.node")
 
 REGION_BYTES = 1 << 20
+COPY_WAIT_S = 20.0              # an async region copy waits this long for the apply to catch up
 SYNC_TIMEOUT_S = 5.0            # a sync write waits this long for the secondary, then suspends
 PUSH_BATCH_BYTES = 4 << 20
 HEARTBEAT_S = 0.5
@@ -70,7 +72,7 @@ class SourceGroup:
 
     name: str
     journal: Journal
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.RLock = field(default_factory=threading.RLock)
     new_data: threading.Condition = field(default_factory=threading.Condition)
     link_up: bool = True
     last_error: str = ""
@@ -87,6 +89,7 @@ class DestGroup:
     info: GroupInfo
     applier: OrderedApplier
     lock: threading.Lock = field(default_factory=threading.Lock)
+    progress: threading.Condition = field(default_factory=threading.Condition)  # applied advanced
     consistent_at: int = 0      # the group is consistent again once applied >= this
     pull_cursor: dict[str, int] = field(default_factory=dict)
 
@@ -94,8 +97,8 @@ class DestGroup:
 class Node:
     """One storage system (SPEC 1.2): volumes, pairs, journals, control server."""
 
-    def __init__(self, name: str, state_dir: Path, control: str,
-                 curve: dict[str, Any] | None = None) -> None:
+    def __init__(self, name: str, state_dir: Path, control: str, keys_dir: str | None = None,
+                 metrics: str | None = None) -> None:
         self.name = name
         self.state_dir = Path(state_dir)
         self.control = control
@@ -105,7 +108,9 @@ class Node:
         self.volumes: dict[str, Volume] = {}
         self.source_groups: dict[str, SourceGroup] = {}
         self.dest_groups: dict[str, DestGroup] = {}
-        self.clients = ClientPool(timeout_s=10.0)
+        self.metrics_address = metrics
+        self.keys = load_keys(Path(keys_dir)) if keys_dir else None
+        self.clients = ClientPool(timeout_s=10.0, keys=self.keys)
         self.server: Server | None = None
         self._stop = threading.Event()
         self._copier_wake = threading.Event()
@@ -172,13 +177,16 @@ class Node:
         """Start the control server and background threads (call after nbdkit forked)."""
         from .migration import MigrationManager
         self.migrations = MigrationManager(self)
-        self.server = Server(self.control, self.handle)
+        self.server = Server(self.control, self.handle, keys=self.keys)
         self.server.start()
+        if self.metrics_address:
+            from .metrics import serve
+            self._metrics_server = serve(self, self.metrics_address)
         self._spawn(self._copier_loop, "rcopy-copier")
         for group in list(self.source_groups.values()):
             self._start_source_group(group)
         for dg in list(self.dest_groups.values()):
-            self._spawn(lambda dg=dg: self._pull_loop(dg), f"rcopy-pull-{dg.info.name}")
+            self._start_pull(dg)
         self.migrations.resume_after_restart()
         log.info("node %s ready (control %s, incarnation %s)", self.name, self.control, self.incarnation)
 
@@ -285,12 +293,14 @@ class Node:
             vol.diff.set_range(offset, len(data))
             self._suspend_volume(vol, f"secondary unreachable: {exc}")
 
-    def _send_pair_write(self, vol: Volume, offset: int, data: bytes | None, zero: int = 0) -> None:
+    def _send_pair_write(self, vol: Volume, offset: int, data: bytes | None, zero: int = 0,
+                         after_seq: int = 0) -> None:
         dest = vol.info.copy_dest_info
         assert dest is not None
-        fields = {"volume": dest.volume, "offset": offset, "source": self.name, "zero": zero}
+        fields = {"volume": dest.volume, "offset": offset, "source": self.name, "zero": zero,
+                  "after_seq": after_seq}
         self.peer(dest, wire.Message("pair.write", fields, [data] if data is not None else []),
-                  timeout_s=SYNC_TIMEOUT_S)
+                  timeout_s=COPY_WAIT_S + SYNC_TIMEOUT_S if after_seq else SYNC_TIMEOUT_S)
 
     def _write_async(self, vol: Volume, data: bytes, offset: int) -> None:
         info = vol.info
@@ -484,18 +494,18 @@ class Node:
 
     def _fold_and_suspend(self, group: SourceGroup, reason: str) -> None:
         """Journal full or user suspend: fold unapplied entries into diff bitmaps (SPEC durability rules)."""
-        acquired = group.lock.acquire(blocking=False)  # a host write may already hold it
-        try:
-            for vname, offset, length in group.journal.fold_unapplied():
-                if vname in self.volumes:
-                    self.volumes[vname].diff.set_range(offset, length)
+        with group.lock:  # re-entrant: a host write that hit JournalFull already holds it
+            self._mark_dirty(group.journal.unapplied_extents())  # bits first, durably,
+            self._mark_dirty(group.journal.fold_unapplied())     # then discard the entries
             for v in self.volumes.values():
                 if v.info.group == group.name and v.info.remote_copy_flag == "source":
                     self._suspend_volume(v, reason)
             self.save()
-        finally:
-            if acquired:
-                group.lock.release()
+
+    def _mark_dirty(self, extents: list[tuple[str, int, int]]) -> None:
+        for vname, offset, length in extents:
+            if vname in self.volumes:
+                self.volumes[vname].diff.set_range(offset, length)
 
     def _h_pair_resume(self, msg: wire.Message) -> wire.Message:
         vol = self.volume(msg["volume"])
@@ -578,12 +588,18 @@ class Node:
                     continue
                 if vol.info.rw_mode == states.MIGRATING and not vol.migrated.is_set(region):
                     self.migrations.fetch_region(vol, region)  # S1504-S1507
+                # Async: the copy must be applied after every journal entry stored so far and
+                # before any later one, so it travels with the current stored number.
+                after = self.source_groups[vol.info.group].journal.stored if vol.info.mode == "async" else 0
                 try:
                     if vol.store.is_hole(offset, length):
-                        self._send_pair_write(vol, offset, None, zero=length)
+                        self._send_pair_write(vol, offset, None, zero=length, after_seq=after)
                     else:
-                        self._send_pair_write(vol, offset, vol.store.read(offset, length))
-                except (NodeUnreachable, StateError, ProtocolError) as exc:
+                        self._send_pair_write(vol, offset, vol.store.read(offset, length), after_seq=after)
+                except StateError as exc:
+                    log.info("copy of %s region %d deferred: %s", vol.info.name, region, exc)
+                    return False
+                except (NodeUnreachable, ProtocolError) as exc:
                     self._suspend_volume(vol, f"copy interrupted: {exc}")
                     return False
                 vol.diff.clear(region)  # S1509: only after the area is on the secondary
@@ -621,7 +637,27 @@ class Node:
             group = SourceGroup(name, journal)
             group.next_send = journal.applied + 1
             self.source_groups[name] = group
+            self._after_journal_recovery(group)
         return group
+
+    def _after_journal_recovery(self, group: SourceGroup) -> None:
+        """Entries the journal could not recover must still reach the secondary: via the bitmap."""
+        rec = getattr(group.journal, "last_recovery", None)
+        if rec is None or not (rec.lost_entries or rec.folded):
+            return
+        members = [v for v in self.volumes.values()
+                   if v.info.group == group.name and v.info.remote_copy_flag == "source"]
+        if rec.lost_entries:
+            log.error("journal %s lost %d entries; full resync of %s", group.name, rec.lost_entries,
+                      [v.info.name for v in members])
+            for v in members:
+                v.diff.set_all()
+        self._mark_dirty(list(rec.folded))
+        for v in members:
+            if v.info.pair_state != states.SUSPENDED:
+                v.info.pair_state = states.SUSPENDED
+                v.info.suspend_reason = "journal recovery: resynchronising"
+        self.save()
 
     def _start_source_group(self, group: SourceGroup) -> None:
         if getattr(group, "_thread", None) is None and self.server is not None:
@@ -667,7 +703,7 @@ class Node:
                     "group": group.name, "source": self.name,
                     "entries": [[e.seq, e.volume, e.offset, len(e.data)] for e in entries]},
                     [e.data for e in entries]), timeout_s=SYNC_TIMEOUT_S)
-            except (NodeUnreachable, StateError, ProtocolError) as exc:
+            except RcopyError as exc:
                 group.link_up, group.last_error = False, str(exc)
                 group.next_send = journal.applied + 1
                 time.sleep(min(HEARTBEAT_S, 0.2))
@@ -776,11 +812,13 @@ class Node:
             if mode == "async":
                 ginfo = self.mgmt.groups.get(group) or GroupInfo(group, mode)
                 self.mgmt.groups[group] = ginfo
+                joined = any(v.info.group == group and v.info.remote_copy_flag == "dest"
+                             for v in self.volumes.values() if v is not vol)
                 dg = self._dest_group(ginfo)
-                with dg.lock:
-                    if not dg.applier.waiting and dg.applier.last_applied < msg["next_seq"] - 1:
-                        dg.applier.reset(msg["next_seq"] - 1)
-                        self._store_applied(group, msg["next_seq"] - 1)
+                if not joined:  # a new group here: numbering starts where the source's counter is
+                    with dg.lock:
+                        dg.applier.reset(int(msg["next_seq"]) - 1)
+                        self._store_applied(group, int(msg["next_seq"]) - 1)
                 self._start_pull(dg)
             self.save()
         return wire.ok()
@@ -834,13 +872,28 @@ class Node:
         self._accept_source(vol, msg["source"])
         offset = int(msg["offset"])
         zero = int(msg.get("zero", 0))
-        if zero:
-            vol.store.zero(offset, zero)
-        elif msg.payloads:
-            vol.store.write(offset, msg.payloads[0])
-        else:
+        if not zero and not msg.payloads:
             raise ProtocolError("pair.write without data")
+        after_seq = int(msg.get("after_seq", 0))
+        dg = self.dest_groups.get(vol.info.group) if after_seq else None
+        if dg is None:
+            self._store_copy(vol, offset, zero, msg.payloads)
+            return wire.ok()
+        # An async region copy goes between journal entries after_seq and after_seq + 1.
+        with dg.progress:
+            if not dg.progress.wait_for(lambda: dg.applier.last_applied >= after_seq, COPY_WAIT_S):
+                raise StateError(f"secondary is still applying up to {after_seq} "
+                                 f"(applied {dg.applier.last_applied}); retry the copy later")
+        with dg.lock:
+            self._store_copy(vol, offset, zero, msg.payloads)
         return wire.ok()
+
+    def _store_copy(self, vol: Volume, offset: int, zero: int, payloads: list[bytes]) -> None:
+        if zero:
+            vol.store.check(offset, zero)
+            vol.store.zero(offset, zero)
+        else:
+            vol.store.write(offset, payloads[0])
 
     def _h_resync_begin(self, msg: wire.Message) -> wire.Message:
         group = msg.get("group")
@@ -926,6 +979,8 @@ class Node:
         dg.applier.applied(last)
         self._store_applied(dg.info.name, last)
         dg.info.applied = last
+        with dg.progress:
+            dg.progress.notify_all()
         self._check_consistent(dg)
 
     def _pull_loop(self, dg: DestGroup) -> None:
@@ -955,7 +1010,7 @@ class Node:
                 "applied": dg.applier.last_applied}), timeout_s=SYNC_TIMEOUT_S)
         except RangeNotStored:
             return 0
-        except (NodeUnreachable, NotFound, StateError) as exc:
+        except RcopyError as exc:
             log.debug("pull from %s failed: %s", src.node, exc)
             time.sleep(0.2)
             return 0

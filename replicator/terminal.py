@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from . import process, wire
 from .cluster import Cluster, Endpoint, load, parse_volume
+from .keys import load as load_keys
 from .errors import NodeUnreachable, NotFound, RcopyError, StateError, UsageError
 from .transport import ClientPool
 
@@ -23,7 +24,8 @@ class Terminal:
 
     def __init__(self, cluster: Cluster | Path | str) -> None:
         self.cluster = cluster if isinstance(cluster, Cluster) else load(Path(cluster))
-        self.clients = ClientPool(timeout_s=30.0)
+        self.keys = load_keys(self.cluster.keys) if self.cluster.keys else None
+        self.clients = ClientPool(timeout_s=30.0, keys=self.keys)
 
     # ------------------------------------------------------------------ plumbing
     def request(self, ep: Endpoint, kind: str, timeout_s: float | None = None,
@@ -58,6 +60,10 @@ class Terminal:
         params = {"state": str(ep.state), "control": ep.control}
         if ep.kind == "node":
             params["name"] = name
+        if self.cluster.keys:
+            params["keys"] = str(self.cluster.keys)
+        if ep.metrics:
+            params["metrics"] = ep.metrics
         pid = process.start_nbdkit(plugin, params, socket=ep.nbd, pidfile=str(ep.pidfile),
                                    logfile=str(ep.logfile), threads=NBDKIT_THREADS)
 
@@ -77,7 +83,7 @@ class Terminal:
         ep = self.cluster.daemon(name)
         pid = process.read_pid(str(ep.pidfile))
         stopped = process.stop_pid(pid)
-        self.clients = ClientPool(timeout_s=30.0)
+        self.clients = ClientPool(timeout_s=30.0, keys=self.keys)
         return {"name": name, "pid": pid, "stopped": stopped}
 
     # ------------------------------------------------------------------ volumes and pairs

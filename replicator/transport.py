@@ -11,12 +11,15 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 
 from . import wire
-from .errors import NodeUnreachable, ProtocolError
+from .errors import NodeUnreachable, ProtocolError, RcopyError
+
+if TYPE_CHECKING:
+    from .keys import CurveKeys
 
 log = logging.getLogger(__name__)
 Handler = Callable[[wire.Message], wire.Message]
@@ -32,11 +35,12 @@ class Server:
     """Serve ``handler`` on ``endpoint`` with a pool of worker threads."""
 
     def __init__(self, endpoint: str, handler: Handler, workers: int = 6,
-                 curve_secret: bytes | None = None, curve_public: bytes | None = None) -> None:
+                 keys: "CurveKeys | None" = None) -> None:
         self.endpoint = endpoint
         self.handler = handler
         self.workers = workers
-        self._curve = (curve_public, curve_secret) if curve_secret else None
+        self.keys = keys
+        self._auth = None
         self._backend = f"inproc://rcopy-workers-{next(_ids)}"
         self._control = f"inproc://rcopy-control-{next(_ids)}"
         self._stop = threading.Event()
@@ -46,6 +50,11 @@ class Server:
 
     def start(self) -> None:
         """Bind and start serving; raise if the endpoint cannot be bound."""
+        if self.keys is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+            self._auth = ThreadAuthenticator(context())
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(self.keys.authorized))
         t = threading.Thread(target=self._proxy, name="rcopy-proxy", daemon=True)
         t.start()
         self._threads.append(t)
@@ -69,15 +78,17 @@ class Server:
             pass
         for t in self._threads:
             t.join(timeout=2)
+        if self._auth is not None:
+            self._auth.stop()
 
     def _proxy(self) -> None:
         ctx = context()
         front = ctx.socket(zmq.ROUTER)
         front.linger = 0
         front.setsockopt(zmq.MAXMSGSIZE, wire.MESSAGE_BYTES_MAX)
-        if self._curve:
+        if self.keys is not None:
             front.curve_server = True
-            front.curve_publickey, front.curve_secretkey = self._curve
+            front.curve_publickey, front.curve_secretkey = self.keys.server_public, self.keys.server_secret
         back = ctx.socket(zmq.DEALER)
         back.linger = 0
         ctl = ctx.socket(zmq.PAIR)
@@ -119,12 +130,18 @@ class Server:
             sock.close()
 
     def _handle(self, frames: list) -> wire.Message:
+        kind = "?"
         try:
             msg = wire.decode([f.buffer for f in frames])
+            kind = msg.kind
             return self.handler(msg)
+        except RcopyError as exc:
+            return wire.error_reply(exc)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            # a field of the wrong type or shape: the sender's fault, not ours
+            return wire.error_reply(ProtocolError(f"malformed {kind} message: {exc}"))
         except Exception as exc:  # every failure becomes a reply; the server keeps serving
-            if not isinstance(exc, ProtocolError) and not hasattr(exc, "errno"):
-                log.exception("handler failed")
+            log.exception("handler for %s failed", kind)
             return wire.error_reply(exc)
 
 
@@ -171,10 +188,10 @@ class Client:
 class ClientPool:
     """One Client per (thread, endpoint), for callers on many threads."""
 
-    def __init__(self, timeout_s: float = 10.0, curve_for: Callable[[str], tuple | None] | None = None) -> None:
+    def __init__(self, timeout_s: float = 10.0, keys: "CurveKeys | None" = None) -> None:
         self.timeout_s = timeout_s
         self._local = threading.local()
-        self._curve_for = curve_for or (lambda endpoint: None)
+        self._curve = keys.client_triple() if keys is not None else None
 
     def get(self, endpoint: str) -> Client:
         clients = getattr(self._local, "clients", None)
@@ -182,7 +199,7 @@ class ClientPool:
             clients = self._local.clients = {}
         c = clients.get(endpoint)
         if c is None:
-            c = clients[endpoint] = Client(endpoint, self.timeout_s, self._curve_for(endpoint))
+            c = clients[endpoint] = Client(endpoint, self.timeout_s, self._curve)
         return c
 
     def request(self, endpoint: str, msg: wire.Message, timeout_s: float | None = None) -> wire.Message:
