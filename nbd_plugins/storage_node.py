@@ -38,6 +38,7 @@ def thread_model():
 
 def after_fork():
     global _node
+    sys.setswitchinterval(float(os.environ.get("RCOPY_SWITCH_S", "0.005")))
     from replicator.node import Node
     logging.basicConfig(
         filename=os.path.join(_config["state"], "node.log"),

@@ -186,20 +186,26 @@ class Client:
 
 
 class ClientPool:
-    """One Client per (thread, endpoint), for callers on many threads."""
+    """One Client per (OS thread, endpoint), for callers on many threads.
+
+    Keyed by ``threading.get_ident()`` rather than ``threading.local``: nbdkit
+    calls into Python on its own threads and drops their Python thread state
+    after each callback, which would throw thread-locals (and so a connected,
+    CURVE-authenticated socket) away on every request.
+    """
 
     def __init__(self, timeout_s: float = 10.0, keys: "CurveKeys | None" = None) -> None:
         self.timeout_s = timeout_s
-        self._local = threading.local()
+        self._clients: dict[tuple[int, str], Client] = {}
+        self._lock = threading.Lock()
         self._curve = keys.client_triple() if keys is not None else None
 
     def get(self, endpoint: str) -> Client:
-        clients = getattr(self._local, "clients", None)
-        if clients is None:
-            clients = self._local.clients = {}
-        c = clients.get(endpoint)
+        key = (threading.get_ident(), endpoint)
+        c = self._clients.get(key)
         if c is None:
-            c = clients[endpoint] = Client(endpoint, self.timeout_s, self._curve)
+            with self._lock:
+                c = self._clients.setdefault(key, Client(endpoint, self.timeout_s, self._curve))
         return c
 
     def request(self, endpoint: str, msg: wire.Message, timeout_s: float | None = None) -> wire.Message:
