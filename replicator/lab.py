@@ -84,12 +84,8 @@ def down(lab_dir: Path) -> dict[str, Any]:
         return report
     if not (lab_dir / LAB_MARK).exists():
         raise RcopyError(f"{lab_dir} was not made by rcopy lab up; not touching it")
-    try:
-        from . import attach
-        attachments = attach.attached(lab_dir)
-    except ImportError:  # TEMP
-        attachments = []
-    for a in attachments:
+    from . import attach
+    for a in attach.attached(lab_dir):
         unmount_device(a.get("device"))
         attach.detach(a["name"], lab_dir)
         report["detached"].append(a["name"])

@@ -1,0 +1,149 @@
+"""Attach a virtual volume as a local block device, and detach it.
+
+Where the kernel has the nbd module, ``nbd-client`` gives ``/dev/nbdN``. Where it
+has not (these machines), ``nbdfuse`` exposes the export as a file on a FUSE
+mount and ``losetup --direct-io=on`` turns that file into ``/dev/loopN`` (direct
+I/O: about 3x the IOPS of a buffered loop device here). Each attachment is
+recorded in ``WORKDIR/attach/NAME.json`` so ``detach`` can undo exactly it; only
+PIDs we started are ever signalled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import process
+from .errors import RcopyError, StateError
+
+
+def _record_path(workdir: Path, name: str) -> Path:
+    return Path(workdir) / "attach" / f"{name}.json"
+
+
+def _run(*args: str, timeout: float = 60) -> str:
+    try:
+        r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RcopyError(f"{args[0]} failed: {exc}") from None
+    if r.returncode != 0:
+        raise RcopyError(f"{' '.join(args)} failed: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout.strip()
+
+
+def nbd_uri(name: str, nbd_endpoint: str) -> str:
+    if nbd_endpoint.startswith("/"):
+        return f"nbd+unix:///{name}?socket={nbd_endpoint}"
+    return f"nbd://{nbd_endpoint}/{name}"
+
+
+def kernel_nbd_available() -> bool:
+    return Path("/dev/nbd0").exists() and shutil.which("nbd-client") is not None
+
+
+def attach(name: str, nbd_endpoint: str, workdir: Path) -> str:
+    """Make virtual volume ``name`` (served at ``nbd_endpoint``) a block device; return its path."""
+    workdir = Path(workdir)
+    rec_path = _record_path(workdir, name)
+    if rec_path.exists():
+        rec = json.loads(rec_path.read_text())
+        raise StateError(f"{name} is already attached as {rec.get('device')} (rcopy detach {name})")
+    rec_path.parent.mkdir(parents=True, exist_ok=True)
+    rec: dict[str, Any] = {"name": name, "endpoint": nbd_endpoint}
+    try:
+        if kernel_nbd_available():
+            rec["method"] = "nbd-client"
+            rec["device"] = _attach_nbd_client(name, nbd_endpoint)
+        else:
+            rec["method"] = "nbdfuse"
+            _attach_nbdfuse(name, nbd_endpoint, workdir, rec)
+    except BaseException:
+        _undo(rec)
+        raise
+    rec_path.write_text(json.dumps(rec, indent=1))
+    return rec["device"]
+
+
+def _attach_nbd_client(name: str, endpoint: str) -> str:
+    for i in range(16):
+        dev = f"/dev/nbd{i}"
+        if not Path(dev).exists():
+            break
+        if Path(f"/sys/block/nbd{i}/pid").exists():
+            continue  # in use
+        args = ["nbd-client", "-N", name]
+        args += ["-unix", endpoint, dev] if endpoint.startswith("/") else [*endpoint.rsplit(":", 1), dev]
+        _run(*args)
+        return dev
+    raise RcopyError("no free /dev/nbdN device")
+
+
+def _attach_nbdfuse(name: str, endpoint: str, workdir: Path, rec: dict[str, Any]) -> None:
+    mnt = workdir / "attach" / name
+    mnt.mkdir(parents=True, exist_ok=True)
+    pidfile = workdir / "attach" / f"{name}.nbdfuse.pid"
+    pidfile.unlink(missing_ok=True)
+    log = open(workdir / "attach" / f"{name}.nbdfuse.log", "ab")
+    proc = subprocess.Popen(["nbdfuse", "-C", "4", "-P", str(pidfile), f"{mnt}/disk", nbd_uri(name, endpoint)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    rec.update(mountpoint=str(mnt), nbdfuse_pid=proc.pid)
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and (mnt / "disk").exists()):
+        if proc.poll() is not None:
+            raise RcopyError(f"nbdfuse exited ({proc.returncode}); see {workdir}/attach/{name}.nbdfuse.log")
+        if time.monotonic() > deadline:
+            raise RcopyError("nbdfuse did not become ready within 30 s")
+        time.sleep(0.05)
+    rec["device"] = _run("losetup", "-f", "--show", "--direct-io=on", str(mnt / "disk"))
+
+
+def detach(name: str, workdir: Path) -> bool:
+    """Undo ``attach``; safe to call twice. Returns False if nothing was attached."""
+    rec_path = _record_path(Path(workdir), name)
+    if not rec_path.exists():
+        return False
+    _undo(json.loads(rec_path.read_text()))
+    rec_path.unlink(missing_ok=True)
+    return True
+
+
+def _undo(rec: dict[str, Any]) -> None:
+    dev = rec.get("device")
+    if rec.get("method") == "nbd-client" and dev:
+        subprocess.run(["nbd-client", "-d", dev], capture_output=True, timeout=60)
+        return
+    if dev:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
+    mnt = rec.get("mountpoint")
+    if mnt and os.path.ismount(mnt):
+        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, timeout=60)
+        if r.returncode != 0:
+            subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=60)
+    pid = rec.get("nbdfuse_pid")
+    if pid:
+        deadline = time.monotonic() + 10
+        while process.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.stop_pid(pid, timeout_s=5)
+    if mnt:
+        try:
+            os.rmdir(mnt)
+        except OSError:
+            pass
+
+
+def attached(workdir: Path) -> list[dict[str, Any]]:
+    """Every attachment recorded under ``workdir``."""
+    d = Path(workdir) / "attach"
+    out = []
+    for p in sorted(d.glob("*.json")) if d.exists() else []:
+        try:
+            out.append(json.loads(p.read_text()))
+        except ValueError:
+            out.append({"name": p.stem})
+    return out

@@ -1,0 +1,261 @@
+"""Virtual volumes (SPEC 1.4, the virtualizing network device 3): stable NBD exports for
+hosts that forward every request to the real volume they currently map to.
+
+A path switch (S704, option 2) holds new requests, lets in-flight ones finish,
+remaps, then releases the held requests to the new target: the host never sees
+an error, only a short delay, which is measured and reported.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from . import wire
+from .errors import NotFound, RcopyError, StateError, UsageError
+from .mgmt import atomic_write
+
+log = logging.getLogger("rcopy.vvol")
+T = TypeVar("T")
+RETRY_S = 10.0            # a lost connection to the target is retried this long before EIO
+HOLD_TIMEOUT_S = 30.0     # a switch waits this long for in-flight requests to drain
+CONNECTION_ERRNOS = {errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN,
+                     errno.ECONNREFUSED, errno.ENOENT, errno.ECONNABORTED}
+
+
+class TargetError(RcopyError):
+    """The target answered a request with an NBD error; carries its errno."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+class Gate:
+    """Admission control for one virtual volume: requests enter/exit, a switch holds/releases."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.inflight = 0
+        self.holding = False
+
+    def enter(self) -> float:
+        """Admit a request (waiting while a switch holds the gate); return seconds it was held."""
+        with self._cond:
+            start = time.monotonic()
+            self._cond.wait_for(lambda: not self.holding)
+            self.inflight += 1
+            return time.monotonic() - start
+
+    def exit(self) -> None:
+        with self._cond:
+            self.inflight -= 1
+            self._cond.notify_all()
+
+    def hold(self, timeout_s: float) -> bool:
+        """Stop admitting and wait until nothing is in flight; False (and released) on timeout."""
+        with self._cond:
+            self.holding = True
+            if self._cond.wait_for(lambda: self.inflight == 0, timeout_s):
+                return True
+            self.holding = False
+            self._cond.notify_all()
+            return False
+
+    def release(self) -> None:
+        with self._cond:
+            self.holding = False
+            self._cond.notify_all()
+
+
+@dataclass
+class VirtualVolume:
+    name: str
+    target: str
+    target_uri: str
+    size: int
+    generation: int = 0
+    gate: Gate = field(default_factory=Gate)
+    requests: int = 0
+    held_ms_max: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {"target": self.target, "target_uri": self.target_uri, "size": self.size}
+
+
+def connect(uri: str) -> Any:
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+class VirtualVolumes:
+    """The engine of a virtual-volume server: mapping, forwarding, path switch, control."""
+
+    def __init__(self, state_dir: Path, connector: Callable[[str], Any] = connect) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.state_dir / "vvols.json"
+        self.connect = connector
+        self.lock = threading.Lock()
+        self.vvols: dict[str, VirtualVolume] = {}
+        self._handles: dict[tuple[int, str], tuple[int, Any]] = {}  # (OS thread, vvol) -> (gen, handle)
+        if self.path.exists():
+            for name, rec in json.loads(self.path.read_text()).items():
+                self.vvols[name] = VirtualVolume(name, rec["target"], rec["target_uri"], rec["size"])
+        self.handlers = {"ping": self._h_ping, "vvol.create": self._h_create, "vvol.delete": self._h_delete,
+                         "vvol.switch": self._h_switch, "vvol.list": self._h_list}
+
+    def _save(self) -> None:
+        atomic_write(self.path, json.dumps({n: v.record() for n, v in self.vvols.items()}, indent=1).encode())
+
+    def get(self, name: str) -> VirtualVolume:
+        try:
+            return self.vvols[name]
+        except KeyError:
+            raise NotFound(f"no virtual volume {name!r}") from None
+
+    # ------------------------------------------------------------------ forwarding
+    def _handle(self, vv: VirtualVolume) -> Any:
+        key = (threading.get_ident(), vv.name)
+        cached = self._handles.get(key)
+        if cached is not None and cached[0] == vv.generation:
+            return cached[1]
+        if cached is not None:
+            self._close(cached[1])
+        h = self.connect(vv.target_uri)
+        self._handles[key] = (vv.generation, h)
+        return h
+
+    def _drop(self, vv: VirtualVolume) -> None:
+        cached = self._handles.pop((threading.get_ident(), vv.name), None)
+        if cached is not None:
+            self._close(cached[1])
+
+    @staticmethod
+    def _close(h: Any) -> None:
+        try:
+            h.shutdown()
+        except Exception:
+            pass
+
+    def forward(self, vv: VirtualVolume, op: Callable[[Any], T]) -> T:
+        """Run ``op(handle)`` against the current target, behind the gate, retrying lost connections."""
+        held = vv.gate.enter()
+        try:
+            vv.requests += 1
+            if held:
+                vv.held_ms_max = max(vv.held_ms_max, held * 1000)
+            deadline = time.monotonic() + RETRY_S
+            while True:
+                try:
+                    return op(self._handle(vv))
+                except RcopyError:
+                    raise
+                except Exception as exc:
+                    code = getattr(exc, "errno", None)
+                    dead = code in CONNECTION_ERRNOS or code is None or "dead" in str(exc) or "closed" in str(exc)
+                    self._drop(vv) if dead else None
+                    if not dead:
+                        raise TargetError(f"{vv.target}: {exc}", code or errno.EIO) from None
+                    if time.monotonic() > deadline:
+                        raise TargetError(f"{vv.target} unreachable for {RETRY_S:g} s: {exc}", errno.EIO) from None
+                    time.sleep(0.1)
+        finally:
+            vv.gate.exit()
+
+    def pread(self, vv: VirtualVolume, count: int, offset: int) -> bytes:
+        return self.forward(vv, lambda h: h.pread(count, offset))
+
+    def pwrite(self, vv: VirtualVolume, buf: Any, offset: int, fua: bool) -> None:
+        import nbd
+        data = bytes(buf)
+        flags = nbd.CMD_FLAG_FUA if fua else 0
+        self.forward(vv, lambda h: h.pwrite(data, offset, flags))
+
+    def flush(self, vv: VirtualVolume) -> None:
+        self.forward(vv, lambda h: h.flush())
+
+    def zero(self, vv: VirtualVolume, count: int, offset: int, fua: bool) -> None:
+        import nbd
+        flags = nbd.CMD_FLAG_FUA if fua else 0
+        self.forward(vv, lambda h: h.zero(count, offset, flags))
+
+    # ------------------------------------------------------------------ control
+    def _h_ping(self, msg: wire.Message) -> wire.Message:
+        import os
+        return wire.ok(role="vvol_server", pid=os.getpid())
+
+    def _probe(self, uri: str, what: str) -> int:
+        try:
+            h = self.connect(uri)
+        except Exception as exc:
+            raise StateError(f"cannot reach {what} ({uri}): {exc}") from None
+        try:
+            return int(h.get_size())
+        finally:
+            self._close(h)
+
+    def _h_create(self, msg: wire.Message) -> wire.Message:
+        name, target, uri = msg["name"], msg["target"], msg["target_uri"]
+        if not isinstance(name, str) or not name or "/" in name:
+            raise UsageError(f"invalid virtual volume name {name!r}")
+        with self.lock:
+            if name in self.vvols:
+                raise StateError(f"virtual volume {name!r} already exists (-> {self.vvols[name].target})")
+            size = self._probe(uri, target)
+            self.vvols[name] = VirtualVolume(name, target, uri, size)
+            self._save()
+        return wire.ok(name=name, target=target, size=size)
+
+    def _h_delete(self, msg: wire.Message) -> wire.Message:
+        with self.lock:
+            vv = self.get(msg["name"])
+            if vv.gate.inflight:
+                raise StateError(f"virtual volume {vv.name} has I/O in flight")
+            del self.vvols[vv.name]
+            self._save()
+        return wire.ok()
+
+    def switch(self, name: str, target: str, uri: str) -> dict[str, Any]:
+        """S704: hold new requests, drain in-flight ones, remap, release."""
+        vv = self.get(name)
+        size = self._probe(uri, target)
+        if size != vv.size:
+            raise StateError(f"{target} has {size} bytes but {name} presents {vv.size}; refusing the switch")
+        t0 = time.monotonic()
+        if not vv.gate.hold(HOLD_TIMEOUT_S):
+            raise StateError(f"{name}: requests still in flight after {HOLD_TIMEOUT_S:g} s; switch cancelled")
+        drained = time.monotonic()
+        try:
+            with self.lock:
+                vv.target, vv.target_uri = target, uri
+                vv.generation += 1
+                self._save()
+        finally:
+            vv.gate.release()
+        held_ms = (time.monotonic() - t0) * 1000
+        vv.held_ms_max = max(vv.held_ms_max, held_ms)
+        log.info("switched %s to %s (held %.1f ms)", name, target, held_ms)
+        return {"name": name, "target": target, "held_ms": round(held_ms, 2),
+                "drain_ms": round((drained - t0) * 1000, 2)}
+
+    def _h_switch(self, msg: wire.Message) -> wire.Message:
+        return wire.ok(**self.switch(msg["name"], msg["target"], msg["target_uri"]))
+
+    def _h_list(self, msg: wire.Message) -> wire.Message:
+        return wire.ok(vvols=[{"name": v.name, "target": v.target, "target_uri": v.target_uri,
+                               "size": v.size, "inflight": v.gate.inflight, "requests": v.requests,
+                               "held_ms_max": round(v.held_ms_max, 2)} for v in self.vvols.values()])
+
+    def handle(self, msg: wire.Message) -> wire.Message:
+        handler = self.handlers.get(msg.kind)
+        if handler is None:
+            raise UsageError(f"unknown message kind {msg.kind!r}")
+        return handler(msg)
