@@ -138,7 +138,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         volume_map[src] = dst
     show = _migration_progress(args)
     r = term.migrate(args.source, args.to, group=args.group, dual_write=args.dual_write,
-                     volume_map=volume_map, wait=not args.no_wait, force=args.force, progress=show)
+                     volume_map=volume_map, wait=not args.no_wait, force=args.force, progress=show,
+                     rate_limit_bytes_s=parse_size(args.rate) if args.rate else 0)
     if sys.stderr.isatty() and not args.json:
         print(file=sys.stderr)
     if args.no_wait:
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dual-write", action="store_true", help="also write the source during migration")
     sp.add_argument("--no-wait", action="store_true")
     sp.add_argument("--force", action="store_true", help="allow a target that holds data")
+    sp.add_argument("--rate", help="limit the background copy, bytes per second (e.g. 100M)")
 
     sp = command("remove", cmd_remove, "unregister an old node after its primaries were migrated away")
     sp.add_argument("node")

@@ -179,7 +179,8 @@ class MigrationManager:
             raise StateError(f"{self.node.name}:{vol.info.name} is not a remote-copy primary")
         with self.node.mgmt.lock:
             vol.info.migration_dest_info = PeerVolume(**msg["target"])
-            vol.info.migration.update(role="source", state="running")
+            vol.info.migration.update(role="source", state="running",
+                                      rate_limit_bytes_s=int(msg.get("rate_limit_bytes_s") or 0))
             self.node.save()
         return wire.ok()
 
@@ -378,9 +379,8 @@ class MigrationManager:
             for v in vols:
                 v.info.migration["drained"] = True                 # S910
             node.save()
-        target = vols[0].info.migration_dest_info
         for v in vols:                                             # S912-S915
-            self._background_copy(v, target)
+            self._background_copy(v, v.info.migration_dest_info)
         with node.mgmt.lock:
             for v in vols:
                 v.info.migration["complete"] = True                # S916
@@ -402,6 +402,10 @@ class MigrationManager:
                 continue
             v.migrated.set(region)                                 # S915
             copied += length
+            elapsed = time.monotonic() - start
+            limit = float(v.info.migration.get("rate_limit_bytes_s") or 0)
+            if limit and copied / limit > elapsed:                 # throttle to the requested rate
+                time.sleep(min(copied / limit - elapsed, 5.0))
             self.rate_bytes_s = copied / max(time.monotonic() - start, 1e-6)
             region = v.migrated.first_clear(region + 1) if region + 1 < v.migrated.nregions else None
             if region is None:
@@ -414,13 +418,15 @@ class MigrationManager:
         return v.store.read(offset, length), 0
 
     def _h_fetch(self, msg: wire.Message) -> wire.Message:
-        """Serve an on-demand fetch (S1113/S1506); 2_1 sets the region's bit in V1's bitmap."""
+        """Serve an on-demand fetch (S1113/S1506)."""
         v = self.node.volume(msg["volume"])
         region = int(msg["region"])
         if not 0 <= region < v.migrated.nregions:
             raise UsageError(f"region {region} out of range")
         data, zero = self._region_data(v, region)
-        v.migrated.set(region)
+        # V1's bit is set by the background copy once V2 confirms it holds the region
+        # (it answers "skipped" for fetched ones): setting it here would lose the region
+        # if 2_2 died before storing it.
         return wire.ok([data] if data is not None else [], zero=zero)
 
     def _h_region(self, msg: wire.Message) -> wire.Message:

@@ -15,7 +15,7 @@ from .keys import load as load_keys
 from .errors import NodeUnreachable, NotFound, RcopyError, StateError, UsageError
 from .transport import ClientPool
 
-STATUS_TIMEOUT_S = 3.0
+STATUS_TIMEOUT_S = 2.0
 NBDKIT_THREADS = 8
 
 
@@ -30,6 +30,9 @@ class Terminal:
     # ------------------------------------------------------------------ plumbing
     def request(self, ep: Endpoint, kind: str, timeout_s: float | None = None,
                 payloads: list[bytes] | None = None, **fields: Any) -> wire.Message:
+        if not ep.netns and ep.pidfile.exists() and not process.alive(process.read_pid(str(ep.pidfile))):
+            # a local daemon whose process is gone: say so now instead of after a timeout
+            raise NodeUnreachable(f"{ep.name} is not running; start it with rcopy node start {ep.name}")
         try:
             return self.clients.request(ep.control, wire.Message(kind, fields, payloads or []), timeout_s)
         except NodeUnreachable:
@@ -53,8 +56,12 @@ class Terminal:
                 self.request(ep, "ping", timeout_s=2.0)
                 return {"name": name, "pid": pid, "started": False}
             except NodeUnreachable:
-                raise StateError(f"{name} has a process (pid {pid}) that does not answer; "
-                                 f"stop it with rcopy node stop {name}") from None
+                deadline = time.monotonic() + 3  # it may be dying (just killed)
+                while process.alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if process.alive(pid):
+                    raise StateError(f"{name} has a process (pid {pid}) that does not answer; "
+                                     f"stop it with rcopy node stop {name}") from None
         ep.state.mkdir(parents=True, exist_ok=True)
         plugin = "storage_node.py" if ep.kind == "node" else "virtual_volume.py"
         params = {"state": str(ep.state), "control": ep.control}
@@ -105,7 +112,14 @@ class Terminal:
         return self.node_request(node, f"pair.{command}", volume=vol, **fields).fields
 
     def find_pair(self, primary: str, status: dict[str, Any] | None = None) -> dict[str, Any]:
-        status = status or self.status()
+        if status is None:  # ask only the primary's node, then add what its secondary knows
+            pnode = parse_volume(primary)[0]
+            self.cluster.node(pnode)
+            pair = self.find_pair(primary, self.status(only=[pnode]))
+            snode = parse_volume(pair["secondary"])[0]
+            if snode in self.cluster.nodes:
+                return self.find_pair(primary, self.status(only=[pnode, snode]))
+            return pair
         for p in status["pairs"]:
             if p["primary"] == primary:
                 return p
@@ -126,16 +140,19 @@ class Terminal:
                               f"pair {primary} to reach duplex")
 
     # ------------------------------------------------------------------ status
-    def status(self) -> dict[str, Any]:
+    def status(self, only: list[str] | None = None) -> dict[str, Any]:
+        """Everything (CLI.md ``status --json``); ``only``: ask just these nodes, no vvol servers."""
         out: dict[str, Any] = {"nodes": [], "volumes": [], "pairs": [], "groups": [], "migrations": [],
                                "vvols": []}
-        for name, ep in self.cluster.nodes.items():
+        nodes = {n: ep for n, ep in self.cluster.nodes.items() if only is None or n in only}
+        servers = self.cluster.vvol_servers if only is None else {}
+        replies = self._ask_all([*nodes.values(), *servers.values()])
+        for name, ep in nodes.items():
             pid = process.read_pid(str(ep.pidfile))
             entry = {"name": name, "up": False, "pid": pid if process.alive(pid) else None,
                      "control": ep.control, "nbd": ep.nbd}
-            try:
-                st = self.request(ep, "status", timeout_s=STATUS_TIMEOUT_S).fields
-            except NodeUnreachable:
+            st = replies.get(name)
+            if st is None:
                 out["nodes"].append(entry)
                 continue
             entry.update(up=True, pid=st["pid"])
@@ -152,17 +169,27 @@ class Terminal:
             if sec is not None:
                 p["copy_source_valid"] = sec.get("copy_source_valid") or p["copy_source_valid"]
                 p["secondary_consistent"] = sec.get("consistent")
-        for name, ep in self.cluster.vvol_servers.items():
-            try:
-                vv = self.request(ep, "vvol.list", timeout_s=STATUS_TIMEOUT_S).fields.get("vvols", [])
-                up = True
-            except NodeUnreachable:
-                vv, up = [], False
+        for name, ep in servers.items():
+            reply = replies.get(name)
+            vv, up = (reply.get("vvols", []), True) if reply is not None else ([], False)
             pid = process.read_pid(str(ep.pidfile))
             out.setdefault("vvol_servers", []).append(
                 {"name": name, "up": up, "pid": pid if process.alive(pid) else None, "control": ep.control})
             out["vvols"] += [dict(v, server=name) for v in vv]
         return out
+
+    def _ask_all(self, daemons: list[Endpoint]) -> dict[str, dict[str, Any] | None]:
+        """Status of every daemon, asked in parallel so down ones cost one timeout in total."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def ask(ep: Endpoint) -> dict[str, Any] | None:
+            try:
+                kind = "status" if ep.kind == "node" else "vvol.list"
+                return self.request(ep, kind, timeout_s=STATUS_TIMEOUT_S).fields
+            except NodeUnreachable:
+                return None
+        with ThreadPoolExecutor(max_workers=max(1, len(daemons))) as pool:
+            return dict(zip([d.name for d in daemons], pool.map(ask, daemons)))
 
     # ------------------------------------------------------------------ verify
     def verify(self, a: str, b: str, wait: bool = True, timeout_s: float = 600.0) -> dict[str, Any]:
@@ -181,7 +208,7 @@ class Terminal:
                 "differing_chunks": len(diffs), "differences": diffs[:10], "chunk_bytes": chunk}
 
     def wait_drained(self, a: str, b: str, timeout_s: float) -> None:
-        status = self.status()
+        status = self.status(only=[parse_volume(a)[0], parse_volume(b)[0]])
         pair = next((p for p in status["pairs"] if {p["primary"], p["secondary"]} == {a, b}), None)
         if pair is None:
             return  # not a pair (any more): compare as they are
@@ -228,7 +255,7 @@ class Terminal:
     # ------------------------------------------------------------------ migration (SPEC 4.1-4.11)
     def migrate(self, source: str, target: str, group: str | None = None, dual_write: bool = False,
                 volume_map: dict[str, str] | None = None, wait: bool = True, force: bool = False,
-                timeout_s: float = 24 * 3600,
+                timeout_s: float = 24 * 3600, rate_limit_bytes_s: int = 0,
                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Move primary ``source`` (with ``group``: its whole consistency group) to ``target``."""
         snode, svol = parse_volume(source)
@@ -287,7 +314,7 @@ class Terminal:
         try:
             for src, dst in mapping.items():
                 self.node_request(snode, "mig.prepare_source", volume=parse_volume(src)[1],
-                                  target=self.peer_entry(dst))
+                                  target=self.peer_entry(dst), rate_limit_bytes_s=rate_limit_bytes_s)
                 self.node_request(secondary_node, "mig.add_source", volume=parse_volume(pairs[src]["secondary"])[1],
                                   source=self.peer_entry(dst))
             switched = []

@@ -88,6 +88,14 @@ class VirtualVolume:
         return {"target": self.target, "target_uri": self.target_uri, "size": self.size}
 
 
+def _is_dead(h: Any) -> bool:
+    """Did the connection under a libnbd handle die (as opposed to one request failing)?"""
+    try:
+        return bool(h.aio_is_dead() or h.aio_is_closed())
+    except Exception:
+        return True
+
+
 def connect(uri: str) -> Any:
     import nbd
     h = nbd.NBD()
@@ -154,16 +162,20 @@ class VirtualVolumes:
                 vv.held_ms_max = max(vv.held_ms_max, held * 1000)
             deadline = time.monotonic() + RETRY_S
             while True:
+                h = None
                 try:
-                    return op(self._handle(vv))
+                    h = self._handle(vv)
+                    return op(h)
                 except RcopyError:
                     raise
                 except Exception as exc:
                     code = getattr(exc, "errno", None)
-                    dead = code in CONNECTION_ERRNOS or code is None or "dead" in str(exc) or "closed" in str(exc)
-                    self._drop(vv) if dead else None
-                    if not dead:
+                    dead = h is None or code in CONNECTION_ERRNOS or code is None or _is_dead(h)
+                    if dead:
+                        self._drop(vv)
+                    else:
                         raise TargetError(f"{vv.target}: {exc}", code or errno.EIO) from None
+                    log.info("%s: connection to %s lost (%s); retrying", vv.name, vv.target, exc)
                     if time.monotonic() > deadline:
                         raise TargetError(f"{vv.target} unreachable for {RETRY_S:g} s: {exc}", errno.EIO) from None
                     time.sleep(0.1)
