@@ -35,32 +35,26 @@ def _run(*args: str, timeout: float = 60) -> str:
     return r.stdout.strip()
 
 
-def nbd_uri(name: str, nbd_endpoint: str) -> str:
-    if nbd_endpoint.startswith("/"):
-        return f"nbd+unix:///{name}?socket={nbd_endpoint}"
-    return f"nbd://{nbd_endpoint}/{name}"
-
-
 def kernel_nbd_available() -> bool:
     return Path("/dev/nbd0").exists() and shutil.which("nbd-client") is not None
 
 
-def attach(name: str, nbd_endpoint: str, workdir: Path) -> str:
-    """Make virtual volume ``name`` (served at ``nbd_endpoint``) a block device; return its path."""
+def attach(name: str, uri: str, workdir: Path) -> str:
+    """Make export ``name`` (libnbd ``uri``) a block device; return its path."""
     workdir = Path(workdir)
     rec_path = _record_path(workdir, name)
     if rec_path.exists():
         rec = json.loads(rec_path.read_text())
         raise StateError(f"{name} is already attached as {rec.get('device')} (rcopy detach {name})")
     rec_path.parent.mkdir(parents=True, exist_ok=True)
-    rec: dict[str, Any] = {"name": name, "endpoint": nbd_endpoint}
+    rec: dict[str, Any] = {"name": name, "uri": uri}
     try:
-        if kernel_nbd_available():
+        if kernel_nbd_available() and uri.startswith("nbd+unix://"):
             rec["method"] = "nbd-client"
-            rec["device"] = _attach_nbd_client(name, nbd_endpoint)
+            rec["device"] = _attach_nbd_client(name, uri.split("socket=", 1)[1])
         else:
             rec["method"] = "nbdfuse"
-            _attach_nbdfuse(name, nbd_endpoint, workdir, rec)
+            _attach_nbdfuse(name, uri, workdir, rec)
     except BaseException:
         _undo(rec)
         raise
@@ -75,20 +69,19 @@ def _attach_nbd_client(name: str, endpoint: str) -> str:
             break
         if Path(f"/sys/block/nbd{i}/pid").exists():
             continue  # in use
-        args = ["nbd-client", "-N", name]
-        args += ["-unix", endpoint, dev] if endpoint.startswith("/") else [*endpoint.rsplit(":", 1), dev]
+        args = ["nbd-client", "-N", name, "-unix", endpoint, dev]
         _run(*args)
         return dev
     raise RcopyError("no free /dev/nbdN device")
 
 
-def _attach_nbdfuse(name: str, endpoint: str, workdir: Path, rec: dict[str, Any]) -> None:
+def _attach_nbdfuse(name: str, uri: str, workdir: Path, rec: dict[str, Any]) -> None:
     mnt = workdir / "attach" / name
     mnt.mkdir(parents=True, exist_ok=True)
     pidfile = workdir / "attach" / f"{name}.nbdfuse.pid"
     pidfile.unlink(missing_ok=True)
     log = open(workdir / "attach" / f"{name}.nbdfuse.log", "ab")
-    proc = subprocess.Popen(["nbdfuse", "-C", "4", "-P", str(pidfile), f"{mnt}/disk", nbd_uri(name, endpoint)],
+    proc = subprocess.Popen(["nbdfuse", "-C", "4", "-P", str(pidfile), f"{mnt}/disk", *_source_args(uri)],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     log.close()
     rec.update(mountpoint=str(mnt), nbdfuse_pid=proc.pid)
@@ -100,6 +93,21 @@ def _attach_nbdfuse(name: str, endpoint: str, workdir: Path, rec: dict[str, Any]
             raise RcopyError("nbdfuse did not become ready within 30 s")
         time.sleep(0.05)
     rec["device"] = _run("losetup", "-f", "--show", "--direct-io=on", str(mnt / "disk"))
+
+
+def _source_args(uri: str) -> list[str]:
+    """nbdfuse's arguments naming the server. nbdfuse 1.14 refuses tls-psk-file in a URI,
+    so a TLS export is reached through ``nbdkit -s nbd ... tls=require`` as a subprocess."""
+    from urllib.parse import parse_qs, urlsplit
+    parts = urlsplit(uri)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    if "tls-psk-file" not in query:
+        return [uri]
+    where = [f"socket={query['socket']}"] if "socket" in query else [f"hostname={parts.hostname}",
+                                                                      f"port={parts.port or 10809}"]
+    return ["--command", "nbdkit", "-s", "--exit-with-parent", "nbd", *where,
+            f"export={parts.path.lstrip('/')}", "tls=require", f"tls-psk={query['tls-psk-file']}",
+            f"tls-username={parts.username or 'rcopy'}"]
 
 
 def detach(name: str, workdir: Path) -> bool:

@@ -177,7 +177,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     from . import lab
     if args.action == "up":
-        r = lab.up(Path(args.dir), mode=args.mode, size=parse_size(args.size), netns=args.netns,
+        r = lab.up(Path(args.dir), mode=args.mode, size=parse_size(args.size), netns=args.netns, tls=args.tls,
                    progress=_progress(args))
         print(json.dumps(r, indent=2))
     else:
@@ -263,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=["sync", "async"], default="async")
     sp.add_argument("--size", default="1G")
     sp.add_argument("--netns", action="store_true", help="each site in its own network namespace")
+    sp.add_argument("--tls", action="store_true", help="hosts reach the virtual volume over NBD with TLS (PSK)")
 
     sub.add_parser("check", help="crash-consistency writer and checker (rcopy check write|check -h)")
     return p

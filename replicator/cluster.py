@@ -10,6 +10,7 @@
     control = "tcp://127.0.0.1:7201"
     nbd = "/abs/lab/host/nbd.sock"
     state = "/abs/lab/host"
+    tls_psk = "/abs/lab/keys/nbd-tls.psk"  # optional: hosts must use NBD over TLS
 
 Found by ``--cluster FILE``, else ``$RCOPY_CLUSTER``, else ``./cluster.toml``.
 """
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NotFound, UsageError
+
+TLS_USERNAME = "rcopy"
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,14 @@ class Endpoint:
     state: Path
     netns: str | None = None
     metrics: str | None = None  # host:port of the Prometheus endpoint (nodes only)
+    tls_psk: str | None = None  # PSK file: this daemon serves NBD only over TLS (vvol servers)
 
     def nbd_uri(self, export: str) -> str:
         """libnbd URI of one export of this daemon."""
+        if self.tls_psk:  # the PSK identity is the URI's user name
+            if self.nbd.startswith("/"):
+                return f"nbds+unix://{TLS_USERNAME}@/{export}?socket={self.nbd}&tls-psk-file={self.tls_psk}"
+            return f"nbds://{TLS_USERNAME}@{self.nbd}/{export}?tls-psk-file={self.tls_psk}"
         if self.nbd.startswith("/"):
             return f"nbd+unix:///{export}?socket={self.nbd}"
         return f"nbd://{self.nbd}/{export}"
@@ -114,7 +122,8 @@ def load(path: Path) -> Cluster:
                 raise UsageError(f"{path}: [{section}.{name}] lacks {', '.join(missing)}")
             target[name] = Endpoint(name=name, kind=kind, control=str(entry["control"]),
                                     nbd=str(entry["nbd"]), state=Path(entry["state"]),
-                                    netns=entry.get("netns"), metrics=entry.get("metrics"))
+                                    netns=entry.get("netns"), metrics=entry.get("metrics"),
+                                    tls_psk=entry.get("tls_psk"))
     if not cluster.nodes:
         raise UsageError(f"{path} defines no storage nodes ([nodes.NAME])")
     return cluster
@@ -136,6 +145,8 @@ def dump(cluster: Cluster) -> str:
                 lines.append(f"netns = {q(ep.netns)}")
             if ep.metrics:
                 lines.append(f"metrics = {q(ep.metrics)}")
+            if ep.tls_psk:
+                lines.append(f"tls_psk = {q(ep.tls_psk)}")
             lines.append("")
     return "\n".join(lines)
 

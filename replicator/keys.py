@@ -47,6 +47,18 @@ def generate(directory: Path) -> Path:
     return directory
 
 
+def generate_tls_psk(directory: Path) -> Path:
+    """A pre-shared key file for NBD over TLS (nbdkit --tls-psk, libnbd tls-psk-file)."""
+    import secrets
+    from .cluster import TLS_USERNAME
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / "nbd-tls.psk"
+    if not path.exists():
+        path.write_text(f"{TLS_USERNAME}:{secrets.token_hex(32)}\n")
+        path.chmod(0o600)
+    return path
+
+
 def load(directory: Path) -> CurveKeys:
     import zmq.auth
     try:

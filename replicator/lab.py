@@ -31,19 +31,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_cluster(lab_dir: Path) -> Cluster:
+def make_cluster(lab_dir: Path, tls: bool = False) -> Cluster:
     cluster = Cluster(path=lab_dir / "cluster.toml", dir=lab_dir, keys=keys.generate(lab_dir / "keys"))
     for name in NODES:
         state = lab_dir / name
         cluster.nodes[name] = Endpoint(name, "node", f"tcp://127.0.0.1:{free_port()}",
                                        str(state / "nbd.sock"), state, metrics=f"127.0.0.1:{free_port()}")
     state = lab_dir / "host"
+    psk = str(keys.generate_tls_psk(lab_dir / "keys")) if tls else None
     cluster.vvol_servers["host"] = Endpoint("host", "vvol_server", f"tcp://127.0.0.1:{free_port()}",
-                                            str(state / "nbd.sock"), state)
+                                            str(state / "nbd.sock"), state, tls_psk=psk)
     return cluster
 
 
-def up(lab_dir: Path, mode: str = "async", size: int = 1 << 30, netns: bool = False,
+def up(lab_dir: Path, mode: str = "async", size: int = 1 << 30, netns: bool = False, tls: bool = False,
        progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Build the lab; on any failure tear down what was built and re-raise."""
     lab_dir = lab_dir.resolve()
@@ -53,7 +54,7 @@ def up(lab_dir: Path, mode: str = "async", size: int = 1 << 30, netns: bool = Fa
         raise RcopyError("--netns is not available yet in this version")
     lab_dir.mkdir(parents=True, exist_ok=True)
     (lab_dir / LAB_MARK).write_text("made by rcopy lab up\n")
-    cluster = make_cluster(lab_dir)
+    cluster = make_cluster(lab_dir, tls=tls)
     cluster.path.write_text(dump(cluster))
     term = Terminal(cluster)
     try:
@@ -73,7 +74,7 @@ def up(lab_dir: Path, mode: str = "async", size: int = 1 << 30, netns: bool = Fa
         raise
     return {"cluster": str(cluster.path), "device": device, "nodes": list(NODES), "vvol": VVOL,
             "mode": mode, "size": size, "dir": str(lab_dir),
-            "volumes": [f"{n}:{v}" for n, v in VOLUMES.items()]}
+            "volumes": [f"{n}:{v}" for n, v in VOLUMES.items()], "tls": tls}
 
 
 def down(lab_dir: Path) -> dict[str, Any]:

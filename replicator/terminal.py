@@ -71,8 +71,9 @@ class Terminal:
             params["keys"] = str(self.cluster.keys)
         if ep.metrics:
             params["metrics"] = ep.metrics
+        tls = ["--tls=require", f"--tls-psk={ep.tls_psk}"] if ep.tls_psk else []
         pid = process.start_nbdkit(plugin, params, socket=ep.nbd, pidfile=str(ep.pidfile),
-                                   logfile=str(ep.logfile), threads=NBDKIT_THREADS)
+                                   logfile=str(ep.logfile), threads=NBDKIT_THREADS, extra_args=tls)
 
         def ready() -> bool:
             if not process.alive(pid):
@@ -245,7 +246,7 @@ class Terminal:
         server = self.cluster.vvol_server()
         if not any(v["name"] == name for v in self.vvols()):
             raise NotFound(f"no virtual volume {name!r} (create it with rcopy vvol create)")
-        return attach.attach(name, server.nbd, self.cluster.dir)
+        return attach.attach(name, server.nbd_uri(name), self.cluster.dir)
 
     def detach(self, name: str) -> None:
         from . import attach
