@@ -102,7 +102,7 @@ def can_zero(h):
 
 
 def can_trim(h):
-    return False
+    return True
 
 
 def pread(h, buf, offset, flags):
@@ -122,5 +122,13 @@ def pwrite(h, buf, offset, flags):
 def flush(h, flags):
     try:
         _node.flush(h)
+    except Exception as exc:
+        _fail(exc)
+
+
+def trim(h, count, offset, flags):
+    """NBD allows a server to ignore TRIM; doing so keeps primary and secondary identical."""
+    try:
+        _node.trim(h, count, offset)
     except Exception as exc:
         _fail(exc)

@@ -107,7 +107,7 @@ def can_zero(h):
 
 
 def can_trim(h):
-    return False
+    return True
 
 
 def pread(h, buf, offset, flags):
@@ -134,5 +134,13 @@ def flush(h, flags):
 def zero(h, count, offset, flags):
     try:
         _engine.zero(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
+    except Exception as exc:
+        _fail(exc)
+
+
+def trim(h, count, offset, flags):
+    """NBD allows a server to ignore TRIM; doing so keeps primary and secondary identical."""
+    try:
+        _engine.trim(h, count, offset)
     except Exception as exc:
         _fail(exc)

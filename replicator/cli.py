@@ -57,7 +57,8 @@ def cmd_pair(args: argparse.Namespace) -> int:
     term = _terminal(args)
     if args.action == "create":
         r = term.pair_create(args.primary, args.secondary, args.mode, args.group, args.transfer,
-                             parse_size(args.journal_size) if args.journal_size else None)
+                             parse_size(args.journal_size) if args.journal_size else None,
+                             auto_resume=not args.no_auto_resume)
         if args.wait:
             r = term.wait_duplex(args.primary)
         _emit(args, r, f"pair {args.primary} -> {args.secondary} ({args.mode}): {r['state']}")
@@ -104,6 +105,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for p in st["pairs"]:
         lines.append(f"  {p['primary']} -> {p['secondary']}  {p['mode']:<5} group={p['group']} "
                      f"state={p['state']} lag={p['lag_writes']} writes/{p['lag_bytes']} bytes "
+                     + (f"applied={p['applied_seq']} journal={p['journal_used_bytes'] / 2**20:.1f}MiB "
+                        if p["mode"] == "async" else "") +
                      f"valid={p['copy_source_valid']}" + (f"  ({p['suspend_reason']})" if p.get("suspend_reason") else ""))
     if st["migrations"]:
         lines.append("MIGRATIONS")
@@ -217,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--transfer", choices=["push", "pull"], default="push")
     c.add_argument("--journal-size", help="journal capacity for a new async group (default 256M)")
     c.add_argument("--wait", action="store_true", help="return when the initial copy is done")
+    c.add_argument("--no-auto-resume", action="store_true",
+                   help="after a link failure or full journal, stay suspended until rcopy pair resume")
     for action in ("suspend", "resume", "delete"):
         a = psub.add_parser(action)
         a.add_argument("primary", metavar="PRIMARY")

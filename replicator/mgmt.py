@@ -41,6 +41,7 @@ class VolumeInfo:
     transfer: str = "push"                 # push / pull (async)
     pair_state: str = ""                   # copying / duplex / suspended (source side)
     suspend_reason: str = ""
+    auto_resume: bool = True               # resync by itself once the secondary is back
     copy_dest_info: PeerVolume | None = None
     copy_source_info: list[PeerVolume] = field(default_factory=list)
     copy_source_valid: str = "1"

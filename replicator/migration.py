@@ -285,6 +285,7 @@ class MigrationManager:
                 v.info.mode, v.info.group, v.info.transfer = m["mode"], m["group"], m["transfer"]
                 v.info.pair_state = m["pair_state"]
                 v.info.suspend_reason = m.get("suspend_reason", "")
+                v.info.auto_resume = bool(m.get("auto_resume", True))
                 v.diff.merge(bytes.fromhex(m["diff_bitmap"]))
                 v.info.migration["handover_seq"] = info["handover_seq"]
                 v.info.migration["source_pair_state"] = m["pair_state"]
@@ -339,7 +340,7 @@ class MigrationManager:
                 v.migrated.clear_all()                             # S911, moved before S906
             members.append({"volume": v.info.name, "mode": v.info.mode, "group": v.info.group,
                             "transfer": v.info.transfer, "pair_state": v.info.pair_state,
-                            "suspend_reason": v.info.suspend_reason,
+                            "suspend_reason": v.info.suspend_reason, "auto_resume": v.info.auto_resume,
                             "diff_bitmap": v.diff.to_bytes().hex()})
             if v.info.mode == "async":
                 group = node.source_groups[v.info.group]

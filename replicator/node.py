@@ -318,6 +318,10 @@ class Node:
         with group.new_data:
             group.new_data.notify()
 
+    def trim(self, vol: Volume, length: int, offset: int) -> None:
+        """Accepted and ignored (NBD lets a server ignore TRIM): the contents stay as they were."""
+        vol.store.check(offset, length)
+
     def flush(self, vol: Volume) -> None:
         vol.store.flush()
         if vol.info.remote_copy_flag == "source" and vol.info.mode == "async":
@@ -425,6 +429,7 @@ class Node:
             info.remote_copy_flag = "source"
             info.mode, info.group, info.transfer = mode, group, transfer
             info.copy_dest_info = secondary
+            info.auto_resume = bool(msg.get("auto_resume", True))
             info.pair_state = states.COPYING
             info.suspend_reason = ""
             vol.diff.set_all()  # initial copy: every region differs until copied
@@ -566,6 +571,7 @@ class Node:
             info = vol.info
             if (info.remote_copy_flag == "source" and info.mode == "sync" and self.auto_resume
                     and info.pair_state == states.SUSPENDED and info.suspend_reason != USER_SUSPEND
+                    and info.auto_resume
                     and not info.migration.get("frozen") and info.copy_dest_info):
                 try:
                     self.peer(info.copy_dest_info, wire.Message("ping"), timeout_s=1.0)
@@ -723,7 +729,7 @@ class Node:
     def _maybe_auto_resume(self, group: SourceGroup, dest: PeerVolume) -> None:
         members = [v for v in self.volumes.values()
                    if v.info.group == group.name and v.info.remote_copy_flag == "source"]
-        if not self.auto_resume or not members or any(v.info.suspend_reason == USER_SUSPEND for v in members):
+        if not self.auto_resume or not members or any(v.info.suspend_reason == USER_SUSPEND or not v.info.auto_resume for v in members):
             return
         try:
             self.peer(dest, wire.Message("ping"), timeout_s=1.0)
@@ -1072,6 +1078,7 @@ class Node:
         dirty = v.diff.dirty_bytes() if info.pair_state != states.DUPLEX else 0
         return {"primary": f"{self.name}:{info.name}", "secondary": dest.label, "mode": info.mode,
                 "group": info.group, "transfer": info.transfer, "state": info.pair_state,
+                "auto_resume": info.auto_resume,
                 "suspend_reason": info.suspend_reason,
                 "lag_writes": lag_writes, "lag_bytes": lag_bytes + dirty, "dirty_bytes": dirty,
                 "applied_seq": applied, "stored_seq": stored, "journal_used_bytes": journal_used,

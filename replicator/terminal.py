@@ -33,6 +33,9 @@ class Terminal:
         if not ep.netns and ep.pidfile.exists() and not process.alive(process.read_pid(str(ep.pidfile))):
             # a local daemon whose process is gone: say so now instead of after a timeout
             raise NodeUnreachable(f"{ep.name} is not running; start it with rcopy node start {ep.name}")
+        if not _listening(ep.control):
+            raise NodeUnreachable(f"{ep.name} ({ep.control}) refuses connections; is it running? "
+                                  f"(rcopy node start {ep.name})")
         try:
             return self.clients.request(ep.control, wire.Message(kind, fields, payloads or []), timeout_s)
         except NodeUnreachable:
@@ -100,13 +103,14 @@ class Terminal:
         return self.node_request(node, "volume.create", name=vol, size=size).fields
 
     def pair_create(self, primary: str, secondary: str, mode: str, group: str | None = None,
-                    transfer: str = "push", journal_bytes: int | None = None) -> dict[str, Any]:
+                    transfer: str = "push", journal_bytes: int | None = None,
+                    auto_resume: bool = True) -> dict[str, Any]:
         pnode, pvol = parse_volume(primary)
         if parse_volume(secondary)[0] == pnode:
             raise UsageError("primary and secondary must be on different nodes")
         return self.node_request(pnode, "pair.create", volume=pvol, secondary=self.peer_entry(secondary),
                                  mode=mode, group=group, transfer=transfer,
-                                 journal_bytes=journal_bytes).fields
+                                 journal_bytes=journal_bytes, auto_resume=auto_resume).fields
 
     def pair_command(self, command: str, primary: str, **fields: Any) -> dict[str, Any]:
         node, vol = parse_volume(primary)
@@ -256,7 +260,7 @@ class Terminal:
     # ------------------------------------------------------------------ migration (SPEC 4.1-4.11)
     def migrate(self, source: str, target: str, group: str | None = None, dual_write: bool = False,
                 volume_map: dict[str, str] | None = None, wait: bool = True, force: bool = False,
-                timeout_s: float = 24 * 3600, rate_limit_bytes_s: int = 0,
+                timeout_s: float = 24 * 3600, rate_limit_bytes_s: int = 0, start: bool = True,
                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Move primary ``source`` (with ``group``: its whole consistency group) to ``target``."""
         snode, svol = parse_volume(source)
@@ -328,9 +332,11 @@ class Terminal:
         except RcopyError:
             self._undo_prepare(tnode, [s["target"] for s in spec], status, mapping)
             raise
-        self.node_request(tnode, "mig.start")                          # S705
         result = {"source": source, "target": target, "members": mapping, "vvols_switched": switched,
                   "switch_held_ms": round(held_ms, 1), "state": "running"}
+        if not start:  # stop in THROUGH mode; continue later with continue_migration()
+            return result
+        self.node_request(tnode, "mig.start")                          # S705
         if not wait:
             return result
         final = self.wait_migration(target, timeout_s, progress)       # S706/S707
@@ -339,6 +345,17 @@ class Terminal:
         if final["state"] != "done":
             raise StateError(f"migration failed: {final.get('error')}")
         return result
+
+    def continue_migration(self, target: str, wait: bool = True, timeout_s: float = 24 * 3600,
+                           progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Start (S705) a migration left in THROUGH mode, or just follow a running one."""
+        tnode = parse_volume(target)[0]
+        migs = [m for m in self.node_request(tnode, "status")["migrations"] if m["target"] == target]
+        if not migs:
+            raise NotFound(f"no migration to {target}")
+        if migs[0]["mode"] == "through" and migs[0]["state"] == "running":
+            self.node_request(tnode, "mig.start")
+        return self.wait_migration(target, timeout_s, progress) if wait else migs[0]
 
     def _is_empty(self, spec: str) -> bool:
         node, vol = parse_volume(spec)
@@ -414,3 +431,19 @@ class Terminal:
             self.node_request(node, "mig.unregister_source", volume=v["name"])          # S1602 (2),(3)
             removed.append(label)
         return {"node": node, "unregistered": removed}
+
+
+def _listening(endpoint: str) -> bool:
+    """False only if a TCP endpoint actively refuses connections (a quick probe: ZeroMQ
+    itself would keep retrying silently until the request times out)."""
+    import socket
+    if not endpoint.startswith("tcp://"):
+        return True
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except ConnectionRefusedError:
+        return False
+    except (OSError, ValueError):
+        return True  # unreachable or slow: let the request and its timeout decide

@@ -194,6 +194,9 @@ class VirtualVolumes:
     def flush(self, vv: VirtualVolume) -> None:
         self.forward(vv, lambda h: h.flush())
 
+    def trim(self, vv: VirtualVolume, count: int, offset: int) -> None:
+        self.forward(vv, lambda h: h.trim(count, offset))
+
     def zero(self, vv: VirtualVolume, count: int, offset: int, fua: bool) -> None:
         import nbd
         flags = nbd.CMD_FLAG_FUA if fua else 0

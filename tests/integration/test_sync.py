@@ -152,3 +152,23 @@ def test_secondary_down_suspends_then_resumes_with_resync(started):
 def test_unreachable_node_is_a_clear_error(cluster):
     with pytest.raises(NodeUnreachable, match="rcopy node start site-a1"):
         cluster.volume_create("site-a1:v1", 8 * MiB)
+
+
+def test_zero_fua_flush_trim_replicate(started):
+    t = started
+    t.volume_create("site-a1:v1", 8 * MiB)
+    t.volume_create("site-b:v3", 8 * MiB)
+    t.pair_create("site-a1:v1", "site-b:v3", mode="sync")
+    t.wait_duplex("site-a1:v1", 60)
+    h = nbd_handle(t, "site-a1:v1")
+    assert h.can_zero() and h.can_fua() and h.can_flush() and h.can_trim()
+    h.pwrite(b"z" * 65536, 0, nbd.CMD_FLAG_FUA)
+    h.zero(16384, 4096)
+    h.trim(4096, 65536)  # allowed to be ignored; must not fail
+    h.flush()
+    sec = nbd_handle(t, "site-b:v3")
+    expect = b"z" * 4096 + bytes(16384) + b"z" * (65536 - 4096 - 16384)
+    assert h.pread(65536, 0) == expect
+    assert sec.pread(65536, 0) == expect
+    h.shutdown()
+    sec.shutdown()
