@@ -33,6 +33,7 @@ log = logging.getLogger("rcopy.migration")
 PENDING_HOLD_MAX_S = 120.0
 POLL_S = 0.05
 PEER_TIMEOUT_S = 30.0
+VALID_QUICK_S = 3.0       # S807 waits this long for V3 before V2 goes on without holding host I/O
 
 
 class MigrationManager:
@@ -249,30 +250,48 @@ class MigrationManager:
                 "volumes": [v.info.migration_source_info.volume for v in vols],
                 "target": node.name}), timeout_s=120)
             self._take_over(vols, reply.fields)                      # S806
-            secondary = vols[0].info.copy_dest_info
             async_ = vols[0].info.mode == "async"
-            node.peer(secondary, wire.Message("mig.set_valid", {      # S807-S809
-                "volumes": [v.info.copy_dest_info.volume for v in vols], "source": node.name,
-                "value": states.TRANSITIONAL if async_ else states.SOURCE_2,
-                "handover_seq": reply["handover_seq"]}), timeout_s=PEER_TIMEOUT_S)
+            value = states.TRANSITIONAL if async_ else states.SOURCE_2
+            # S807-S809. If V3 does not answer quickly, host I/O is not held hostage: V2 goes
+            # on (async: its entries wait in its journal; sync: its pair suspends and tracks
+            # dirty regions) and the update is retried below until V3 takes it.
+            done = self._set_valid(vols, value, reply["handover_seq"], VALID_QUICK_S)
             self._set_phase(vols, states.MIGRATING,                   # S810, S811
                             "transitional" if async_ else "migrating",
-                            handover_ms=(time.monotonic() - t0) * 1000)
+                            handover_ms=(time.monotonic() - t0) * 1000,
+                            valid_pending="" if done else value)
             if vols[0].info.mode == "async":
                 node._start_source_group(node.source_groups[vols[0].info.group])
             node._copier_wake.set()                                  # S812/S813: diff copy resumes here
             phase = vols[0].info.migration["phase"]
+        pending_value = vols[0].info.migration.get("valid_pending")
+        if pending_value:
+            while not self._set_valid(vols, pending_value, vols[0].info.migration.get("handover_seq", 0),
+                                      VALID_QUICK_S):
+                time.sleep(POLL_S * 10)
+            self._set_phase(vols, None, phase, valid_pending="")
         if phase == "transitional":
             self._poll_source(vols, "drained")                       # S815/S816
-            node.peer(vols[0].info.copy_dest_info, wire.Message("mig.set_valid", {   # S817-S819
-                "volumes": [v.info.copy_dest_info.volume for v in vols], "source": node.name,
-                "value": states.SOURCE_2, "handover_seq": 0}), timeout_s=PEER_TIMEOUT_S)
+            while not self._set_valid(vols, states.SOURCE_2, 0, VALID_QUICK_S):  # S817-S819
+                time.sleep(POLL_S * 10)
             self._set_phase(vols, None, "migrating")
         self._poll_source(vols, "complete")                          # S820/S821
         missing = [v.info.name for v in vols if not v.migrated.all_set()]
         if missing:
             raise StateError(f"source reported complete but {missing} have unmigrated regions")
         self._set_phase(vols, states.NORMAL, "done", state="done", finished=time.time())  # S822/S823
+
+    def _set_valid(self, vols: list["Volume"], value: str, handover_seq: int, timeout_s: float) -> bool:
+        """Ask V3's node to set copy_source_valid; False if it did not answer in time."""
+        try:
+            self.node.peer(vols[0].info.copy_dest_info, wire.Message("mig.set_valid", {
+                "volumes": [v.info.copy_dest_info.volume for v in vols], "source": self.node.name,
+                "value": value, "handover_seq": handover_seq}), timeout_s=timeout_s)
+            return True
+        except NodeUnreachable as exc:
+            for v in vols:
+                v.info.migration["waiting_for"] = f"{v.info.copy_dest_info.node}: {exc}"
+            return False
 
     def _take_over(self, vols: list["Volume"], info: dict[str, Any]) -> None:
         """S806: V2 continues V1's pair state, diff bitmap, counter and journal pointers."""
