@@ -1,0 +1,56 @@
+"""What both nbdkit plugins share: capabilities and the exception -> errno table.
+
+Imported into each plugin's module namespace (nbdkit looks callbacks up there).
+"""
+import errno
+import logging
+
+import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
+
+API_VERSION = 2
+
+
+def fail(exc):
+    """Report ``exc`` to the NBD client with its errno (RcopyError classes carry one), then raise."""
+    code = getattr(exc, "errno", None)
+    nbdkit.set_error(code if isinstance(code, int) and code > 0 else errno.EIO)
+    if not hasattr(exc, "errno"):
+        logging.getLogger("rcopy.plugin").exception("request failed")
+    raise exc
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def default_export(readonly, is_tls):
+    return ""
+
+
+def can_write(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_multi_conn(h):
+    return True  # every connection reaches the same volume file; a flush covers them all
+
+
+def can_zero(h):
+    return True  # emulated by nbdkit with pwrite of zeros, so zeros replicate like data
+
+
+def can_trim(h):
+    return True  # accepted and ignored, which NBD allows: replicas stay identical
+
+
+def setup_logging(path, level="INFO"):
+    logging.basicConfig(filename=path, level=getattr(logging, str(level).upper(), logging.INFO),
+                        format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s")
