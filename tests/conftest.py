@@ -57,3 +57,12 @@ def nbd_handle(term: Terminal, spec: str):
 
 def run(*args: str, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), check=check, timeout=timeout, capture_output=True, text=True, **kw)
+
+
+def make_pair(term: Terminal, size: int, mode: str = "sync", primary: str = "site-a1:v1",
+              secondary: str = "site-b:v3", **kw) -> None:
+    """Create both volumes and a pair between them, and wait until it is duplex."""
+    term.volume_create(primary, size)
+    term.volume_create(secondary, size)
+    term.pair_create(primary, secondary, mode=mode, **kw)
+    term.wait_duplex(primary, 120)

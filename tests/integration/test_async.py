@@ -9,7 +9,7 @@ import time
 import pytest
 
 from replicator import process
-from tests.conftest import nbd_handle
+from tests.conftest import make_pair, nbd_handle
 
 MiB = 1 << 20
 
@@ -20,10 +20,7 @@ def transfer(request):
 
 
 def _pair(t, size, transfer, group=None, journal_bytes=None, prim="site-a1:v1", sec="site-b:v3"):
-    t.volume_create(prim, size)
-    t.volume_create(sec, size)
-    t.pair_create(prim, sec, mode="async", group=group, transfer=transfer, journal_bytes=journal_bytes)
-    t.wait_duplex(prim, 120)
+    make_pair(t, size, "async", prim, sec, group=group, transfer=transfer, journal_bytes=journal_bytes)
 
 
 def test_async_replicates_and_drains(started, transfer):

@@ -9,16 +9,15 @@ from replicator import keys, wire
 from replicator.errors import NodeUnreachable
 from replicator.transport import Client
 
+from tests.conftest import make_pair
+
 MiB = 1 << 20
 
 
 def test_unauthenticated_peer_is_refused(started, tmp_path):
     t = started
     assert t.cluster.keys is not None
-    t.volume_create("site-a1:v1", 8 * MiB)
-    t.volume_create("site-b:v3", 8 * MiB)
-    t.pair_create("site-a1:v1", "site-b:v3", mode="sync")
-    t.wait_duplex("site-a1:v1", 60)
+    make_pair(t, 8 * MiB, "sync")
     endpoint = t.cluster.node("site-b").control
     write = wire.Message("pair.write", {"volume": "v3", "offset": 0, "source": "site-a1"}, [b"evil" * 1024])
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from replicator import cluster as cluster_mod, wire
 from replicator.errors import RcopyError, UsageError
 from replicator.transport import Client
-from tests.conftest import nbd_handle
+from tests.conftest import make_pair, nbd_handle
 
 MiB = 1 << 20
 KINDS = [
@@ -41,10 +41,7 @@ messages = st.builds(
 def victim(started):
     """A duplex sync pair holding known data, and a fuzzing client with the cluster's key."""
     t = started
-    t.volume_create("site-a1:v1", 8 * MiB)
-    t.volume_create("site-b:v3", 8 * MiB)
-    t.pair_create("site-a1:v1", "site-b:v3", mode="sync")
-    t.wait_duplex("site-a1:v1", 60)
+    make_pair(t, 8 * MiB, "sync")
     t.volume_create("site-a1:scratch", 4 * MiB)  # the fuzzer aims at these; v1/v3 stay legitimate
     t.volume_create("site-b:scratch", 4 * MiB)
     h = nbd_handle(t, "site-a1:v1")
@@ -89,10 +86,7 @@ def test_fuzzed_messages_never_crash_a_node(victim):
 
 def test_corrupt_bitmap_means_full_resync_not_data_loss(started):
     t = started
-    t.volume_create("site-a1:v1", 8 * MiB)
-    t.volume_create("site-b:v3", 8 * MiB)
-    t.pair_create("site-a1:v1", "site-b:v3", mode="sync")
-    t.wait_duplex("site-a1:v1", 60)
+    make_pair(t, 8 * MiB, "sync")
     t.pair_command("suspend", "site-a1:v1")
     h = nbd_handle(t, "site-a1:v1")
     h.pwrite(b"d" * 4096, 3 * MiB)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import urllib.request
 
-from tests.conftest import nbd_handle
+from tests.conftest import make_pair, nbd_handle
 
 MiB = 1 << 20
 
@@ -15,10 +15,7 @@ def scrape(address: str) -> str:
 
 def test_metrics_endpoint_scraped(started):
     t = started
-    t.volume_create("site-a1:v1", 8 * MiB)
-    t.volume_create("site-b:v3", 8 * MiB)
-    t.pair_create("site-a1:v1", "site-b:v3", mode="async", group="g0")
-    t.wait_duplex("site-a1:v1", 60)
+    make_pair(t, 8 * MiB, "async", group="g0")
     h = nbd_handle(t, "site-a1:v1")
     for i in range(10):
         h.pwrite(b"m" * 4096, i * 4096)

@@ -11,7 +11,7 @@ import pytest
 
 from replicator import process
 from replicator.errors import NodeUnreachable, StateError, UsageError
-from tests.conftest import nbd_handle
+from tests.conftest import make_pair, nbd_handle
 
 MiB = 1 << 20
 
@@ -67,10 +67,7 @@ def test_pair_on_volume_with_data_and_concurrent_writes(started):
 
 def test_secondary_refuses_host_writes_and_bad_io_keeps_serving(started):
     t = started
-    t.volume_create("site-a1:v1", 8 * MiB)
-    t.volume_create("site-b:v3", 8 * MiB)
-    t.pair_create("site-a1:v1", "site-b:v3", mode="sync")
-    t.wait_duplex("site-a1:v1", 60)
+    make_pair(t, 8 * MiB, "sync")
     sec = nbd_handle(t, "site-b:v3")
     with pytest.raises(nbd.Error) as exc:
         sec.pwrite(b"x" * 4096, 0)
@@ -98,10 +95,7 @@ def test_size_mismatch_and_unknown_things_are_clear_errors(started):
 
 def test_management_info_survives_restart(started):
     t = started
-    t.volume_create("site-a1:v1", 8 * MiB)
-    t.volume_create("site-b:v3", 8 * MiB)
-    t.pair_create("site-a1:v1", "site-b:v3", mode="sync")
-    t.wait_duplex("site-a1:v1", 60)
+    make_pair(t, 8 * MiB, "sync")
     h = nbd_handle(t, "site-a1:v1")
     h.pwrite(b"z" * 8192, 0)
     h.shutdown()
@@ -117,10 +111,7 @@ def test_management_info_survives_restart(started):
 def test_kill_primary_secondary_has_every_acknowledged_write(started):
     t = started
     size = 32 * MiB
-    t.volume_create("site-a1:v1", size)
-    t.volume_create("site-b:v3", size)
-    t.pair_create("site-a1:v1", "site-b:v3", mode="sync")
-    t.wait_duplex("site-a1:v1", 60)
+    make_pair(t, size, "sync")
     h = nbd_handle(t, "site-a1:v1")
     acked = _fill(h, size, seed=7, chunks=100, length=4096)
     os.kill(process.read_pid(str(t.cluster.node("site-a1").pidfile)), signal.SIGKILL)
@@ -133,10 +124,7 @@ def test_kill_primary_secondary_has_every_acknowledged_write(started):
 def test_secondary_down_suspends_then_resumes_with_resync(started):
     t = started
     size = 16 * MiB
-    t.volume_create("site-a1:v1", size)
-    t.volume_create("site-b:v3", size)
-    t.pair_create("site-a1:v1", "site-b:v3", mode="sync")
-    t.wait_duplex("site-a1:v1", 60)
+    make_pair(t, size, "sync")
     t.node_stop("site-b")
     h = nbd_handle(t, "site-a1:v1")
     h.pwrite(b"a" * 4096, 0)          # waits for the sync timeout, then the pair suspends
@@ -156,10 +144,7 @@ def test_unreachable_node_is_a_clear_error(cluster):
 
 def test_zero_fua_flush_trim_replicate(started):
     t = started
-    t.volume_create("site-a1:v1", 8 * MiB)
-    t.volume_create("site-b:v3", 8 * MiB)
-    t.pair_create("site-a1:v1", "site-b:v3", mode="sync")
-    t.wait_duplex("site-a1:v1", 60)
+    make_pair(t, 8 * MiB, "sync")
     h = nbd_handle(t, "site-a1:v1")
     assert h.can_zero() and h.can_fua() and h.can_flush() and h.can_trim()
     h.pwrite(b"z" * 65536, 0, nbd.CMD_FLAG_FUA)
