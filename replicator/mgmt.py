@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError
+from .errors import IntegrityError, UsageError
+
+NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+def check_name(kind: str, name: Any) -> str:
+    if not isinstance(name, str) or not name or set(name) - NAME_OK or name[0] == ".":
+        raise UsageError(f"invalid {kind} name {name!r} (letters, digits, - _ . only)")
+    return name
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Unit tests of the pure pieces: wire encoding, region maps, state tables, ordered apply."""
 from __future__ import annotations
 
-import random
 
 import pytest
 from hypothesis import given, settings, strategies as st
