@@ -51,6 +51,7 @@ class SourceGroup:
     next_send: int = 0
     handover_below: int = 0   # V1 after a handover: send only numbers below this (invariant 17)
     stop: bool = False
+    thread: threading.Thread | None = None  # the push loop
 
 
 class PrimarySide:
@@ -370,8 +371,8 @@ class PrimarySide:
         self.save()
 
     def _start_source_group(self, group: SourceGroup) -> None:
-        if getattr(group, "_thread", None) is None and self.server is not None:
-            group._thread = self._spawn(lambda: self._push_loop(group), f"rcopy-push-{group.name}")  # type: ignore[attr-defined]
+        if group.thread is None and self.server is not None:
+            group.thread = self._spawn(lambda: self._push_loop(group), f"rcopy-push-{group.name}")
 
     def _group_dest(self, group: SourceGroup) -> tuple[PeerVolume | None, str, str]:
         for v in self.volumes.values():

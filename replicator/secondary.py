@@ -42,6 +42,7 @@ class DestGroup:
     progress: threading.Condition = field(default_factory=threading.Condition)  # applied advanced
     consistent_at: int = 0      # the group is consistent again once applied >= this
     pull_cursor: dict[str, int] = field(default_factory=dict)
+    thread: threading.Thread | None = None  # the pull loop
 
 
 class SecondarySide:
@@ -108,8 +109,8 @@ class SecondarySide:
         return wire.ok()
 
     def _start_pull(self, dg: DestGroup) -> None:
-        if getattr(dg, "_thread", None) is None and self.server is not None:
-            dg._thread = self._spawn(lambda: self._pull_loop(dg), f"rcopy-pull-{dg.info.name}")  # type: ignore[attr-defined]
+        if dg.thread is None and self.server is not None:
+            dg.thread = self._spawn(lambda: self._pull_loop(dg), f"rcopy-pull-{dg.info.name}")
 
     def _h_pair_leave(self, msg: wire.Message) -> wire.Message:
         vol = self.volume(msg["volume"])

@@ -330,7 +330,7 @@ class Terminal:
                     switched.append(vv["name"])
                     held_ms = max(held_ms, float(r.get("held_ms", 0.0)))
         except RcopyError:
-            self._undo_prepare(tnode, [s["target"] for s in spec], status, mapping)
+            self._undo_prepare(tnode, [s["target"] for s in spec], mapping)
             raise
         result = {"source": source, "target": target, "members": mapping, "vvols_switched": switched,
                   "switch_held_ms": round(held_ms, 1), "state": "running"}
@@ -362,8 +362,7 @@ class Terminal:
         digests = self.node_request(node, "volume.hash", timeout_s=600, name=vol, chunk=64 << 20)["digests"]
         return all(d == "0" for d in digests)
 
-    def _undo_prepare(self, tnode: str, targets: list[str], status: dict[str, Any],
-                      mapping: dict[str, str]) -> None:
+    def _undo_prepare(self, tnode: str, targets: list[str], mapping: dict[str, str]) -> None:
         back = {v: k for k, v in mapping.items()}
         for vv in self.status()["vvols"]:
             if vv["target"] in back:

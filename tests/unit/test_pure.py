@@ -189,3 +189,14 @@ def test_parse_volume():
     for bad in ("v1", ":v1", "a:", "a:b:c"):
         with pytest.raises(UsageError):
             parse_volume(bad)
+
+
+def test_every_error_class_maps_to_an_errno():
+    """The plugins report exc.errno to NBD clients; every class must carry a real one."""
+    import errno as errno_mod
+
+    from replicator import errors
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.RcopyError)]
+    assert set(errors.BY_NAME.values()) == set(classes)
+    for cls in classes:
+        assert cls.errno in errno_mod.errorcode, cls
