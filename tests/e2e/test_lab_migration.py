@@ -31,7 +31,7 @@ def test_migrate_under_fio_on_ext4(tmp_path, mode):
             ["fio", "--name=mig", f"--directory={mnt}", "--rw=randwrite", "--bs=4k", "--size=24M",
              "--numjobs=2", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--time_based=0",
              "--loops=6", "--fsync=64", "--output-format=json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # verify state files
         mig = json.loads(run(RCOPY, "migrate", "site-a1:v1", "--to", "site-a2:v2", "--json",
                              env=env, timeout=600).stdout)
         out, err = fio.communicate(timeout=600)
