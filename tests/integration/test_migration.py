@@ -244,3 +244,60 @@ def test_migrating_a_suspended_pair_keeps_its_bitmap(started):
     t.pair_command("resume", "site-a2:v2")
     t.wait_duplex("site-a2:v2", 60)
     assert t.verify("site-a2:v2", "site-b:v3", timeout_s=60)["identical"]
+
+
+def test_group_migration_with_primary_killed_keeps_interleaved_prefix(started):
+    """Two volumes of one group migrate together; writes alternate between them; kill -9 of the
+    source during the transitional phase: the two secondaries are jointly a prefix."""
+    import signal
+    import time
+
+    from replicator import checker, process
+    t = started
+    size, blocks = 8 * MiB, 8 * MiB // BLOCK
+    for spec in ("site-a1:v1", "site-a1:v4", "site-a2:v2", "site-a2:v5", "site-b:v3", "site-b:v6"):
+        t.volume_create(spec, size)
+    t.pair_create("site-a1:v1", "site-b:v3", mode="async", group="g1")
+    t.pair_create("site-a1:v4", "site-b:v6", mode="async", group="g1")
+    t.wait_duplex("site-a1:v1", 60)
+    t.wait_duplex("site-a1:v4", 60)
+    t.vvol_create("app1", "site-a1:v1")
+    t.vvol_create("app4", "site-a1:v4")
+    run_id, records, stop = 77, [], threading.Event()
+
+    def writer():
+        hs = [vvol_handle(t, "app1"), vvol_handle(t, "app4")]
+        seq = 0
+        rnd = random.Random(9)
+        try:
+            while not stop.is_set():
+                seq += 1
+                vol, block = seq % 2, rnd.randrange(blocks)
+                records.append(checker.Record(seq, vol, block, acked=False))
+                hs[vol].pwrite(checker.make_block(run_id, seq, vol, block), block * BLOCK)
+                records[-1] = checker.Record(seq, vol, block, acked=True)
+        except nbd.Error:
+            pass
+    th = threading.Thread(target=writer, daemon=True)
+    th.start()
+    time.sleep(0.5)
+    t.migrate("site-a1:v1", "site-a2:v2", group="g1", volume_map={"v4": "v5"}, wait=False,
+              rate_limit_bytes_s=2 * MiB)
+    sb = process.read_pid(str(t.cluster.node("site-b").pidfile))
+    os.kill(sb, signal.SIGSTOP)          # hold V1's backlog so the handover stays transitional
+    _wait_phase(t, "site-a2:v2", ("transitional",))
+    time.sleep(0.5)
+    os.kill(process.read_pid(str(t.cluster.node("site-a1").pidfile)), signal.SIGKILL)
+    time.sleep(0.5)
+    stop.set()
+    th.join(30)
+    os.kill(sb, signal.SIGCONT)
+    time.sleep(3)                        # let site-b apply whatever it can
+    images = {0: nbd_handle(t, "site-b:v3").pread(size, 0), 1: nbd_handle(t, "site-b:v6").pread(size, 0)}
+    verdict = checker.analyse(records, images, blocks, run_id=run_id)
+    assert verdict.consistent, verdict.problems
+    assert sum(r.acked for r in records) > 20
+    t.node_start("site-a1")
+    assert t.wait_migration("site-a2:v2", 120)["state"] == "done"
+    assert t.verify("site-a2:v2", "site-b:v3", timeout_s=60)["identical"]
+    assert t.verify("site-a2:v5", "site-b:v6", timeout_s=60)["identical"]
