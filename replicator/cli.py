@@ -140,6 +140,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             raise UsageError(f"--map takes SRC_VOL=DST_VOL, got {item!r}")
         volume_map[src] = dst
     show = _migration_progress(args)
+    if args.abort:
+        r = term.abort_migration(args.source, args.to)
+        _emit(args, r, f"migration {args.source} -> {args.to} aborted; {args.source} is the primary")
+        return 0
+    if args.resume:
+        r = term.continue_migration(args.to, wait=not args.no_wait, progress=show)
+        _emit(args, r, f"migration {args.source} -> {args.to}: {r['state']}")
+        return 0 if r["state"] in ("done", "running") else 1
     r = term.migrate(args.source, args.to, group=args.group, dual_write=args.dual_write,
                      volume_map=volume_map, wait=not args.no_wait, force=args.force, progress=show,
                      rate_limit_bytes_s=parse_size(args.rate) if args.rate else 0)
@@ -250,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-wait", action="store_true")
     sp.add_argument("--force", action="store_true", help="allow a target that holds data")
     sp.add_argument("--rate", help="limit the background copy, bytes per second (e.g. 100M)")
+    sp.add_argument("--resume", action="store_true", help="continue a migration that stopped (node restart)")
+    sp.add_argument("--abort", action="store_true", help="abort a migration that has not handed over yet")
 
     sp = command("remove", cmd_remove, "unregister an old node after its primaries were migrated away")
     sp.add_argument("node")

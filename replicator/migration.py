@@ -60,6 +60,8 @@ class MigrationManager:
             "mig.clear_target": self._h_clear_target,
             "mig.unregister_source": self._h_unregister_source,
             "mig.abort_target": self._h_abort_target,
+            "mig.abort_source": self._h_abort_source,
+            "mig.drop_source": self._h_drop_source,
         }
 
     # ================================================================ host I/O on V2 (Fig. 10)
@@ -554,6 +556,28 @@ class MigrationManager:
                 v.info.copy_dest_info = None
                 v.info.migration = {}
             self.node.save()
+        return wire.ok()
+
+    def _h_abort_source(self, msg: wire.Message) -> wire.Message:
+        """Abort before the handover: V1 forgets V2 (it never stopped being the primary)."""
+        v = self.node.volume(msg["volume"])
+        with self.node.mgmt.lock:
+            if v.info.migration.get("frozen"):
+                raise StateError(f"{self.node.name}:{v.info.name} has already handed over")
+            v.info.migration_dest_info = None
+            v.info.migration = {}
+            self.node.save()
+        return wire.ok()
+
+    def _h_drop_source(self, msg: wire.Message) -> wire.Message:
+        """Abort before the handover: V3 forgets a copy source it never accepted data from."""
+        node = self.node
+        v = node.volume(msg["volume"])
+        with node.mgmt.lock:
+            keep = [p for i, p in enumerate(v.info.copy_source_info, 1)
+                    if p.node != msg["source_node"] or states.source_accepted(v.info.copy_source_valid, i)]
+            v.info.copy_source_info = keep
+            node.save()
         return wire.ok()
 
     # ================================================================ status and restart

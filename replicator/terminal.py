@@ -357,6 +357,24 @@ class Terminal:
             self.node_request(tnode, "mig.start")
         return self.wait_migration(target, timeout_s, progress) if wait else migs[0]
 
+    def abort_migration(self, source: str, target: str) -> dict[str, Any]:
+        """Abort a migration that has not handed over yet (THROUGH mode): everything back to V1."""
+        tnode, tvol = parse_volume(target)
+        migs = [m for m in self.node_request(tnode, "status")["migrations"] if m["target"] == target]
+        if not migs:
+            raise NotFound(f"no migration to {target}")
+        if migs[0]["mode"] != "through":
+            raise StateError(f"the migration to {target} is past the handover ({migs[0]['phase']}); it cannot "
+                             f"be aborted without losing the new primary's writes: resume it with "
+                             f"rcopy migrate {source} --to {target} --resume")
+        pair = self.find_pair(source)
+        self._undo_prepare(tnode, [tvol], {source: target})
+        snode, svol = parse_volume(source)
+        self.node_request(snode, "mig.abort_source", volume=svol)
+        secnode, secvol = parse_volume(pair["secondary"])
+        self.node_request(secnode, "mig.drop_source", volume=secvol, source_node=tnode)
+        return {"source": source, "target": target, "state": "aborted"}
+
     def _is_empty(self, spec: str) -> bool:
         node, vol = parse_volume(spec)
         digests = self.node_request(node, "volume.hash", timeout_s=600, name=vol, chunk=64 << 20)["digests"]

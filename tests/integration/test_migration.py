@@ -301,3 +301,27 @@ def test_group_migration_with_primary_killed_keeps_interleaved_prefix(started):
     assert t.wait_migration("site-a2:v2", 120)["state"] == "done"
     assert t.verify("site-a2:v2", "site-b:v3", timeout_s=60)["identical"]
     assert t.verify("site-a2:v5", "site-b:v6", timeout_s=60)["identical"]
+
+
+def test_abort_before_handover_restores_everything(started):
+    t = started
+    size = 8 * MiB
+    for spec in ("site-a1:v1", "site-a2:v2", "site-b:v3"):
+        t.volume_create(spec, size)
+    t.pair_create("site-a1:v1", "site-b:v3", mode="async")
+    t.wait_duplex("site-a1:v1", 60)
+    t.vvol_create("app", "site-a1:v1")
+    t.migrate("site-a1:v1", "site-a2:v2", start=False)       # stopped in THROUGH mode
+    h = vvol_handle(t)
+    h.pwrite(b"r" * BLOCK, 0)                               # relayed by V2 to V1
+    t.abort_migration("site-a1:v1", "site-a2:v2")
+    h.pwrite(b"s" * BLOCK, BLOCK)
+    h.shutdown()
+    st = t.status()
+    assert next(v for v in st["vvols"] if v["name"] == "app")["target"] == "site-a1:v1"
+    v2 = next(v for v in st["volumes"] if v["name"] == "v2")
+    assert v2["rw_mode"] == "normal" and v2["role"] == "simplex"
+    assert st["migrations"] == []
+    assert t.verify("site-a1:v1", "site-b:v3", timeout_s=60)["identical"]
+    t.migrate("site-a1:v1", "site-a2:v2", force=True)          # and it can start again later
+    assert t.verify("site-a2:v2", "site-b:v3", timeout_s=60)["identical"]
