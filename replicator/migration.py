@@ -111,6 +111,9 @@ class MigrationManager:
             raise StateError(f"{vol.info.name}: request held {held_ms:.0f} ms in pending mode; giving up")
         return vol.info.rw_mode
 
+    def relay_flush(self, vol: "Volume") -> None:
+        self._relay(vol, "volume.flush")
+
     def _relay(self, vol: "Volume", kind: str, payloads: list[bytes] | None = None, **fields: Any) -> wire.Message:
         """S1104-S1108: THROUGH mode sends the request to V1, which does all the work."""
         src = vol.info.migration_source_info

@@ -166,12 +166,13 @@ def _shape(netns: str, dev: str, rate_bits: int) -> None:
        "latency", "100ms", netns=netns)
 
 
-def _pick(lab_dir: Path) -> tuple[str, int]:
+def _pick() -> tuple[str, int]:
     """A fresh lab ID and subnet index k (LAN 10.231.2k, WAN 10.231.2k+1), unused on this machine."""
     used = ip("-4", "-o", "addr", "show") + ip("-4", "route", "show")
     for _ in range(100):
         lab_id = secrets.token_hex(2)
-        if not any(p.name.startswith(f"rcopy-{lab_id}-") for p in _netns_list()):
+        if not any(p.name.startswith(f"rcopy-{lab_id}-") for p in _netns_list()) \
+                and not link_exists(f"rc{lab_id}"):
             break
     else:  # pragma: no cover - 65536 IDs
         raise NetworkError("no free lab network ID")
@@ -195,7 +196,7 @@ def setup(lab_dir: Path, local: Sequence[str] = ("host", "site-a1", "site-a2"), 
         raise StateError(f"{lab_dir} already has a lab network; run rcopy lab down --dir {lab_dir} first")
     lab_dir.mkdir(parents=True, exist_ok=True)
     with _Lock():
-        lab_id, k = _pick(lab_dir)
+        lab_id, k = _pick()
         lan, wan = f"10.231.{2 * k}", f"10.231.{2 * k + 1}"
         net = NetLab(id=lab_id, lan=lan, wan=wan, rate=f"{rate_bits}bit", root_link=f"rc{lab_id}")
         for i, name in enumerate(local):
@@ -205,38 +206,47 @@ def setup(lab_dir: Path, local: Sequence[str] = ("host", "site-a1", "site-a2"), 
         if len(set(net.namespaces)) != len(net.namespaces):
             raise UsageError(f"site names {[*local, remote]} give clashing namespace names")
         _save(lab_dir, net)  # record first: teardown undoes a partial setup
-        for ns in net.namespaces:
-            ip("netns", "add", ns)
-            ip("link", "set", "lo", "up", netns=ns)
-        sw = net.switch
-        _run(["ip", "netns", "exec", sw, "sysctl", "-qw", "net.ipv4.ip_forward=1"], True)
-        ip("link", "add", "br0", "type", "bridge", netns=sw)
-        ip("addr", "add", f"{lan}.1/24", "dev", "br0", netns=sw)
-        ip("link", "set", "br0", "up", netns=sw)
-        # the root namespace (where rcopy runs) joins the bridge and routes the WAN subnet via it
-        ip("link", "add", net.root_link, "type", "veth", "peer", "name", "root0", "netns", sw)
-        ip("link", "set", "root0", "master", "br0", "up", netns=sw)
-        ip("addr", "add", f"{lan}.254/24", "dev", net.root_link)
-        ip("link", "set", net.root_link, "up")
-        ip("route", "add", f"{wan}.0/24", "via", f"{lan}.1", "dev", net.root_link)
-        for name, site in net.sites.items():
-            if site.remote:
-                continue
-            port = f"p-{_short(name)}"[:15]
-            ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", site.netns, netns=sw)
-            ip("link", "set", port, "master", "br0", "up", netns=sw)
-            ip("addr", "add", f"{site.address}/24", "dev", "eth0", netns=site.netns)
-            ip("link", "set", "eth0", "up", netns=site.netns)
-            ip("route", "add", "default", "via", f"{lan}.1", netns=site.netns)
-        b = net.remote.netns
-        ip("link", "add", WAN_DEV, "type", "veth", "peer", "name", WAN_DEV, "netns", b, netns=sw)
-        ip("addr", "add", f"{wan}.1/24", "dev", WAN_DEV, netns=sw)
-        ip("addr", "add", f"{wan}.2/24", "dev", WAN_DEV, netns=b)
-        for ns in (sw, b):
-            _shape(ns, WAN_DEV, rate_bits)
-            ip("link", "set", WAN_DEV, "up", netns=ns)
-        ip("route", "add", "default", "via", f"{wan}.1", netns=b)
+        try:
+            _build(net, rate_bits)
+        except BaseException:
+            teardown(lab_dir)
+            raise
     return net
+
+
+def _build(net: NetLab, rate_bits: int) -> None:
+    lan, wan = net.lan, net.wan
+    for ns in net.namespaces:
+        ip("netns", "add", ns)
+        ip("link", "set", "lo", "up", netns=ns)
+    sw = net.switch
+    _run(["ip", "netns", "exec", sw, "sysctl", "-qw", "net.ipv4.ip_forward=1"], True)
+    ip("link", "add", "br0", "type", "bridge", netns=sw)
+    ip("addr", "add", f"{lan}.1/24", "dev", "br0", netns=sw)
+    ip("link", "set", "br0", "up", netns=sw)
+    # the root namespace (where rcopy runs) joins the bridge and routes the WAN subnet via it
+    ip("link", "add", net.root_link, "type", "veth", "peer", "name", "root0", "netns", sw)
+    ip("link", "set", "root0", "master", "br0", "up", netns=sw)
+    ip("addr", "add", f"{lan}.254/24", "dev", net.root_link)
+    ip("link", "set", net.root_link, "up")
+    ip("route", "add", f"{wan}.0/24", "via", f"{lan}.1", "dev", net.root_link)
+    for name, site in net.sites.items():
+        if site.remote:
+            continue
+        port = f"p-{_short(name)}"[:15]
+        ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", site.netns, netns=sw)
+        ip("link", "set", port, "master", "br0", "up", netns=sw)
+        ip("addr", "add", f"{site.address}/24", "dev", "eth0", netns=site.netns)
+        ip("link", "set", "eth0", "up", netns=site.netns)
+        ip("route", "add", "default", "via", f"{lan}.1", netns=site.netns)
+    b = net.remote.netns
+    ip("link", "add", WAN_DEV, "type", "veth", "peer", "name", WAN_DEV, "netns", b, netns=sw)
+    ip("addr", "add", f"{wan}.1/24", "dev", WAN_DEV, netns=sw)
+    ip("addr", "add", f"{wan}.2/24", "dev", WAN_DEV, netns=b)
+    for ns in (sw, b):
+        _shape(ns, WAN_DEV, rate_bits)
+        ip("link", "set", WAN_DEV, "up", netns=ns)
+    ip("route", "add", "default", "via", f"{wan}.1", netns=b)
 
 
 def _short(name: str) -> str:

@@ -95,6 +95,7 @@ class Node(PrimarySide, SecondarySide):
             "volume.hash": self._h_volume_hash,
             "volume.read": self._h_volume_read,
             "volume.write": self._h_volume_write,
+            "volume.flush": self._h_volume_flush,
             "pair.create": self._h_pair_create,
             "pair.join": self._h_pair_join,
             "pair.leave": self._h_pair_leave,
@@ -254,6 +255,9 @@ class Node(PrimarySide, SecondarySide):
         vol.store.check(offset, length)
 
     def flush(self, vol: Volume) -> None:
+        if vol.info.rw_mode == states.THROUGH:  # V1 holds the data: the flush is its to do
+            self.migrations.relay_flush(vol)
+            return
         vol.store.flush()
         if vol.info.remote_copy_flag == "source" and vol.info.mode == "async":
             self.source_groups[vol.info.group].journal.sync()
@@ -314,6 +318,10 @@ class Node(PrimarySide, SecondarySide):
         if length > 64 << 20:
             raise IOErrorRange("read larger than 64 MiB")
         return wire.ok(payloads=[self.read(vol, int(msg["offset"]), length)])
+
+    def _h_volume_flush(self, msg: wire.Message) -> wire.Message:
+        self.flush(self.volume(msg["volume"]))
+        return wire.ok()
 
     def _h_volume_write(self, msg: wire.Message) -> wire.Message:
         """A host write relayed by another node (THROUGH mode, S1105/S1106)."""
