@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import states, wire
+from .activity import ActivityLog
 from .errors import (
     IOErrorRange,
     NotFound,
@@ -54,6 +55,7 @@ class Volume:
     diff: RegionMap
     migrated: RegionMap
     locks: RegionLocks
+    activity: ActivityLog
     inflight: InFlight = field(default_factory=InFlight)
     writes: int = 0
     bytes_written: int = 0
@@ -118,6 +120,8 @@ class Node(PrimarySide, SecondarySide):
         for info in self.mgmt.volumes.values():
             if info.remote_copy_flag == "source" and info.mode == "async":
                 self._source_group(info.group)
+        for vol in self.volumes.values():
+            self._recover_activity(vol)
         for gname, ginfo in self.mgmt.groups.items():
             self._dest_group(ginfo)
 
@@ -126,7 +130,8 @@ class Node(PrimarySide, SecondarySide):
         store = VolumeStore(vdir / f"{info.name}.img", info.size, create=create)
         diff = self._bitmap(info, "diff")
         migrated = self._bitmap(info, "migrated")
-        vol = Volume(info, store, diff, migrated, RegionLocks(REGION_BYTES))
+        vol = Volume(info, store, diff, migrated, RegionLocks(REGION_BYTES),
+                     ActivityLog(self._bitmap(info, "active")))
         self.volumes[info.name] = vol
         return vol
 
@@ -176,6 +181,7 @@ class Node(PrimarySide, SecondarySide):
             g.journal.close()
         for v in self.volumes.values():
             v.store.flush()
+            v.activity.retire_idle()  # a clean stop leaves nothing to resynchronise
 
     def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         t = threading.Thread(target=self._guard(target, name), name=name, daemon=True)
@@ -262,6 +268,7 @@ class Node(PrimarySide, SecondarySide):
         if vol.info.remote_copy_flag == "source" and vol.info.mode == "async":
             self.source_groups[vol.info.group].journal.sync()
         vol.diff.sync()
+        vol.activity.map.sync()
 
     # ------------------------------------------------------------------ volumes
     def _h_ping(self, msg: wire.Message) -> wire.Message:
@@ -371,18 +378,21 @@ class Node(PrimarySide, SecondarySide):
         dest = info.copy_dest_info
         assert dest is not None
         lag_writes = lag_bytes = 0
+        lag_seconds = 0.0
         applied = stored = None
         journal_used = 0
         if info.mode == "async" and info.group in self.source_groups:
             j = self.source_groups[info.group].journal
             lag_writes, lag_bytes = j.stored - j.applied, j.pending_bytes
             applied, stored, journal_used = j.applied, j.stored, j.used_bytes
+            lag_seconds = self.source_groups[info.group].lag_seconds(j.applied)
         dirty = v.diff.dirty_bytes() if info.pair_state != states.DUPLEX else 0
         return {"primary": f"{self.name}:{info.name}", "secondary": dest.label, "mode": info.mode,
                 "group": info.group, "transfer": info.transfer, "state": info.pair_state,
                 "auto_resume": info.auto_resume,
                 "suspend_reason": info.suspend_reason,
                 "lag_writes": lag_writes, "lag_bytes": lag_bytes + dirty, "dirty_bytes": dirty,
+                "lag_seconds": round(lag_seconds, 3),
                 "applied_seq": applied, "stored_seq": stored, "journal_used_bytes": journal_used,
                 "copied_bytes": v.copied_bytes,
                 "copy_source_valid": info.migration.get("copy_source_valid", "1")}

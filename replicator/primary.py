@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,14 @@ class SourceGroup:
     handover_below: int = 0   # V1 after a handover: send only numbers below this (invariant 17)
     stop: bool = False
     thread: threading.Thread | None = None  # the push loop
+    append_times: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, when stored)
+
+    def lag_seconds(self, applied: int) -> float:
+        """Age of the oldest acknowledged write the secondary has not applied (RPO in seconds)."""
+        with self.lock:
+            while self.append_times and self.append_times[0][0] <= applied:
+                self.append_times.popleft()
+            return time.monotonic() - self.append_times[0][1] if self.append_times else 0.0
 
 
 class PrimarySide:
@@ -63,13 +72,14 @@ class PrimarySide:
             vol.diff.set_range(offset, len(data))  # S1126: track, do not send
             vol.store.write(offset, data)
             return
-        vol.store.write(offset, data)
-        try:
-            self._send_pair_write(vol, offset, data)  # S1129: wait for the secondary
-        except (NodeUnreachable, StateError, ProtocolError) as exc:
-            # Suspend first, then acknowledge: the write is tracked in diff_bitmap (invariant 19).
-            vol.diff.set_range(offset, len(data))
-            self._suspend_volume(vol, f"secondary unreachable: {exc}")
+        with vol.activity.track(offset, len(data)):  # a crash from here on resyncs the region
+            vol.store.write(offset, data)
+            try:
+                self._send_pair_write(vol, offset, data)  # S1129: wait for the secondary
+            except (NodeUnreachable, StateError, ProtocolError) as exc:
+                # Suspend first, then acknowledge: the write is tracked in diff_bitmap (invariant 19).
+                vol.diff.set_range(offset, len(data))
+                self._suspend_volume(vol, f"secondary unreachable: {exc}")
 
     def _send_pair_write(self, vol: Volume, offset: int, data: bytes | None, zero: int = 0,
                          after_seq: int = 0) -> None:
@@ -88,7 +98,8 @@ class PrimarySide:
                 vol.diff.set_range(offset, len(data))
             else:
                 try:
-                    group.journal.append(info.name, offset, bytes(data))  # S2401-S2404
+                    seq = group.journal.append(info.name, offset, bytes(data))  # S2401-S2404
+                    group.append_times.append((seq, time.monotonic()))
                 except JournalFull:
                     self._fold_and_suspend(group, "journal full")
                     vol.diff.set_range(offset, len(data))
@@ -262,6 +273,8 @@ class PrimarySide:
             if time.monotonic() >= next_watch:
                 next_watch = time.monotonic() + 1.0
                 self._auto_resume_sync_pairs()
+                for vol in list(self.volumes.values()):
+                    vol.activity.retire_idle()
             for vol in list(self.volumes.values()):
                 if vol.info.remote_copy_flag == "source" and vol.info.pair_state == states.COPYING \
                         and not vol.info.migration.get("frozen"):
@@ -269,6 +282,18 @@ class PrimarySide:
             if not busy:
                 self._copier_wake.wait(0.2)
                 self._copier_wake.clear()
+
+    def _recover_activity(self, vol: Volume) -> None:
+        """After a crash, regions with a sync write in flight may differ: resync them."""
+        if not vol.activity.move_to(vol.diff):
+            return
+        info = vol.info
+        log.warning("%s: sync writes were in flight at the last stop; resynchronising %d region(s)",
+                    info.name, vol.diff.count())
+        if info.remote_copy_flag == "source" and info.pair_state == states.DUPLEX:
+            info.pair_state = states.pair_transition(info.pair_state, states.SUSPENDED)
+            info.suspend_reason = "restart with sync writes in flight: resynchronising"
+            self.save()
 
     def _auto_resume_sync_pairs(self) -> None:
         """A sync pair suspended by a link failure resynchronises once the secondary answers."""

@@ -200,3 +200,35 @@ def test_every_error_class_maps_to_an_errno():
     assert set(errors.BY_NAME.values()) == set(classes)
     for cls in classes:
         assert cls.errno in errno_mod.errorcode, cls
+
+
+def test_activity_log_marks_durably_and_retires_idle_regions(tmp_path):
+    from replicator.activity import ActivityLog
+    path = tmp_path / "a.bitmap"
+    al = ActivityLog(RegionMap(8 << 20, 1 << 20, path))
+    with al.track(1 << 20, 4096):
+        assert RegionMap(8 << 20, 1 << 20, path).is_set(1)   # on disk before the write runs
+        with al.track((1 << 20) + 8192, 4096):
+            pass
+        assert al.retire_idle() == 0                          # region 1 still busy
+    assert al.retire_idle() == 1 and not al.map.count()
+    with al.track(5 << 20, 4096):
+        pass                                                  # a crash leaves region 5 marked
+    diff = RegionMap(8 << 20, 1 << 20)
+    assert ActivityLog(RegionMap(8 << 20, 1 << 20, path)).move_to(diff) == 1
+    assert list(diff.iter_set()) == [5]
+    assert RegionMap(8 << 20, 1 << 20, path).count() == 0
+
+
+def test_timeline_phase_spans_and_fio_log(tmp_path):
+    from replicator import timeline
+    rows = [{"t": 0.0, "phase": None}, {"t": 1.0, "phase": "through"}, {"t": 1.2, "phase": "migrating"},
+            {"t": 3.0, "phase": "migrating"}, {"t": 3.2, "phase": "done"}]
+    assert timeline.phase_spans(rows) == [("through", 1.0, 1.2), ("migrating", 1.2, 3.2), ("done", 3.2, 3.2)]
+    log = tmp_path / "x_iops.1.log"
+    log.write_text("200, 1500, 1, 0, 0\n400, 1700, 1, 0, 0\ngarbage\n")
+    assert timeline.fio_log(log) == [(0.2, 1500.0), (0.4, 1700.0)]
+    built = timeline.build("t", 100.0, [(0.2, 5.0)], [(0.2, 2e6)],
+                           [{"time": 101.5, "phase": "migrating", "migrated_fraction": 0.5}], {"migrate": 101.0})
+    assert built["latency_ms"] == [[0.2, 2.0]] and built["samples"][0]["t"] == 1.5
+    assert built["events"] == {"migrate": 1.0}
