@@ -128,7 +128,7 @@ def _undo(rec: dict[str, Any]) -> None:
     if dev:
         subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
     mnt = rec.get("mountpoint")
-    if mnt and os.path.ismount(mnt):
+    if mnt and mnt in mounts_under(mnt):  # not os.path.ismount: a dead FUSE mount fails stat
         r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, timeout=60)
         if r.returncode != 0:
             subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=60)
@@ -143,6 +143,17 @@ def _undo(rec: dict[str, Any]) -> None:
             os.rmdir(mnt)
         except OSError:
             pass
+
+
+def mounts_under(path: str | Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first (read from /proc/mounts)."""
+    root = str(Path(path)).rstrip("/")
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    points = [f[1].replace("\\040", " ") for f in (line.split() for line in lines) if len(f) > 1]
+    return sorted({p for p in points if p == root or p.startswith(root + "/")}, key=len, reverse=True)
 
 
 def attached(workdir: Path) -> list[dict[str, Any]]:

@@ -8,13 +8,15 @@ undoes all of it, also after a failed ``lab up``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
-from . import keys, process
+from . import keys, netlab, process
 from .cluster import Cluster, Endpoint, dump, load
 from .errors import RcopyError
 from .terminal import Terminal
@@ -31,33 +33,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_cluster(lab_dir: Path, tls: bool = False) -> Cluster:
+def make_cluster(lab_dir: Path, tls: bool = False, net: netlab.NetLab | None = None) -> Cluster:
+    """The lab's cluster file; with ``net`` every daemon listens on its namespace's address."""
     cluster = Cluster(path=lab_dir / "cluster.toml", dir=lab_dir, keys=keys.generate(lab_dir / "keys"))
+
+    def addr(name: str) -> tuple[str, str | None]:
+        site = net.sites.get(name) if net else None
+        return (site.address, site.netns) if site else ("127.0.0.1", None)
     for name in NODES:
         state = lab_dir / name
-        cluster.nodes[name] = Endpoint(name, "node", f"tcp://127.0.0.1:{free_port()}",
-                                       str(state / "nbd.sock"), state, metrics=f"127.0.0.1:{free_port()}")
+        host, ns = addr(name)
+        cluster.nodes[name] = Endpoint(name, "node", f"tcp://{host}:{free_port()}", str(state / "nbd.sock"),
+                                       state, netns=ns, metrics=f"{host}:{free_port()}")
     state = lab_dir / "host"
     psk = str(keys.generate_tls_psk(lab_dir / "keys")) if tls else None
-    cluster.vvol_servers["host"] = Endpoint("host", "vvol_server", f"tcp://127.0.0.1:{free_port()}",
-                                            str(state / "nbd.sock"), state, tls_psk=psk)
+    host, ns = addr("host")
+    cluster.vvol_servers["host"] = Endpoint("host", "vvol_server", f"tcp://{host}:{free_port()}",
+                                            str(state / "nbd.sock"), state, netns=ns, tls_psk=psk)
     return cluster
 
 
 def up(lab_dir: Path, mode: str = "async", size: int = 1 << 30, netns: bool = False, tls: bool = False,
-       progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Build the lab; on any failure tear down what was built and re-raise."""
+       progress: Callable[[str], None] = lambda s: None, wan_rate: str = netlab.DEFAULT_RATE) -> dict[str, Any]:
+    """Build the lab; on any failure tear down what was built and re-raise.
+
+    ``netns``: each site in its own network namespace, site-b behind a WAN link
+    limited to ``wan_rate`` (netlab.py).
+    """
     lab_dir = lab_dir.resolve()
     if (lab_dir / "cluster.toml").exists():
         raise RcopyError(f"a lab already exists in {lab_dir}; run rcopy lab down --dir {lab_dir} first")
     if netns:
-        raise RcopyError("--netns is not available yet in this version")
+        netlab.parse_rate(wan_rate)  # a bad rate is a usage error before anything is built
     lab_dir.mkdir(parents=True, exist_ok=True)
     (lab_dir / LAB_MARK).write_text("made by rcopy lab up\n")
-    cluster = make_cluster(lab_dir, tls=tls)
-    cluster.path.write_text(dump(cluster))
-    term = Terminal(cluster)
+    net = None
     try:
+        if netns:
+            progress(f"creating network namespaces (WAN {wan_rate})")
+            net = netlab.setup(lab_dir, local=["host", "site-a1", "site-a2"], remote="site-b", rate=wan_rate)
+        cluster = make_cluster(lab_dir, tls=tls, net=net)
+        cluster.path.write_text(dump(cluster))
+        term = Terminal(cluster)
         for name in [*NODES, "host"]:
             progress(f"starting {name}")
             term.node_start(name)
@@ -74,7 +91,8 @@ def up(lab_dir: Path, mode: str = "async", size: int = 1 << 30, netns: bool = Fa
         raise
     return {"cluster": str(cluster.path), "device": device, "nodes": list(NODES), "vvol": VVOL,
             "mode": mode, "size": size, "dir": str(lab_dir),
-            "volumes": [f"{n}:{v}" for n, v in VOLUMES.items()], "tls": tls}
+            "volumes": [f"{n}:{v}" for n, v in VOLUMES.items()], "tls": tls,
+            "netns": netlab.wan_status(lab_dir) if net else None}
 
 
 def down(lab_dir: Path) -> dict[str, Any]:
@@ -96,8 +114,17 @@ def down(lab_dir: Path) -> dict[str, Any]:
     except RcopyError:
         daemons = []
     for ep in daemons:
-        if process.stop_pid(process.read_pid(str(ep.pidfile))):
+        pid = process.read_pid(str(ep.pidfile))
+        if process.alive(pid):  # one paused by rcopy fault pause would not see SIGTERM
+            try:
+                os.kill(pid, signal.SIGCONT)  # type: ignore[arg-type]
+            except ProcessLookupError:
+                pass
+        if process.stop_pid(pid):
             report["stopped"].append(ep.name)
+    report["namespaces"] = netlab.teardown(lab_dir)["namespaces"]
+    for mnt in attach.mounts_under(lab_dir):  # e.g. a FUSE mount whose nbdfuse died
+        subprocess.run(["umount", "-l", mnt], check=False, timeout=60)
     shutil.rmtree(lab_dir, ignore_errors=True)
     return report
 

@@ -29,13 +29,16 @@ def python_path() -> str:
 
 
 def start_nbdkit(plugin: str, params: dict[str, str], *, socket: str, pidfile: str,
-                 logfile: str, threads: int = 8, extra_args: list[str] | None = None) -> int:
+                 logfile: str, threads: int = 8, extra_args: list[str] | None = None,
+                 netns: str | None = None) -> int:
     """Start ``nbdkit python nbd_plugins/PLUGIN`` in the background; return its PID.
 
-    ``socket`` is a Unix socket path, or ``host:port`` for TCP.
+    ``socket`` is a Unix socket path, or ``host:port`` for TCP. With ``netns``, nbdkit
+    runs inside that network namespace (``ip netns exec``).
     """
     Path(pidfile).unlink(missing_ok=True)
-    args = ["nbdkit", "--log=stderr", "--pidfile", pidfile, "--threads", str(threads)]
+    args = ["ip", "netns", "exec", netns] if netns else []
+    args += ["nbdkit", "--log=stderr", "--pidfile", pidfile, "--threads", str(threads)]
     if ":" in socket and not socket.startswith("/"):
         host, port = socket.rsplit(":", 1)
         args += ["--ipaddr", host, "--port", port]

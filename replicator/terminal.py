@@ -76,7 +76,8 @@ class Terminal:
             params["metrics"] = ep.metrics
         tls = ["--tls=require", f"--tls-psk={ep.tls_psk}"] if ep.tls_psk else []
         pid = process.start_nbdkit(plugin, params, socket=ep.nbd, pidfile=str(ep.pidfile),
-                                   logfile=str(ep.logfile), threads=NBDKIT_THREADS, extra_args=tls)
+                                   logfile=str(ep.logfile), threads=NBDKIT_THREADS, extra_args=tls,
+                                   netns=ep.netns)
 
         def ready() -> bool:
             if not process.alive(pid):

@@ -18,7 +18,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from replicator import checker, process
+from replicator import checker, lab, netlab, process
 from replicator.terminal import Terminal
 
 MiB = 1 << 20
@@ -27,13 +27,14 @@ SIZE = 16 * MiB
 BLOCKS = SIZE // BLOCK
 
 PHASES = ["steady", "initial-copy", "resync", "through", "migrating", "transitional"]
-FAULTS = ["kill:site-a1", "kill:site-a2", "kill:site-b", "pause:site-a1", "pause:site-b"]
+FAULTS = ["kill:site-a1", "kill:site-a2", "kill:site-b", "pause:site-a1", "pause:site-b", "cut:wan"]
 CI_CASES = [("async", "steady", "kill:site-a1"), ("sync", "steady", "kill:site-a1"),
             ("async", "steady", "kill:site-b"), ("sync", "steady", "pause:site-b"),
             ("async", "initial-copy", "kill:site-b"), ("async", "resync", "kill:site-a1"),
             ("async", "through", "kill:site-a1"), ("async", "migrating", "kill:site-a2"),
             ("sync", "migrating", "kill:site-a1"), ("async", "transitional", "kill:site-a1"),
-            ("async", "transitional", "kill:site-a2")]
+            ("async", "transitional", "kill:site-a2"), ("async", "steady", "cut:wan"),
+            ("sync", "steady", "cut:wan"), ("async", "migrating", "cut:wan")]
 
 
 def cases() -> list[tuple[str, str, str]]:
@@ -126,9 +127,31 @@ def wait_phase(t: Terminal, target: str, phases: tuple[str, ...], timeout_s: flo
     raise AssertionError(f"never reached {phases}")
 
 
+@pytest.fixture
+def matrix_cluster(request, tmp_path):
+    """The three nodes and the vvol server; for a WAN cut, each site in its own network
+    namespace with site-b behind the WAN link (netlab.py), as ``rcopy lab up --netns``."""
+    lab_dir = tmp_path / "lab"
+    lab_dir.mkdir()
+    (lab_dir / lab.LAB_MARK).write_text("test\n")
+    try:
+        net = None
+        if request.node.callspec.params["fault"] == "cut:wan":
+            net = netlab.setup(lab_dir, local=["host", "site-a1", "site-a2"], remote="site-b")
+        c = lab.make_cluster(lab_dir, net=net)
+        c.path.write_text(lab.dump(c))
+        t = Terminal(c)
+        for name in ("site-a1", "site-a2", "site-b"):
+            t.node_start(name)
+        yield t
+    finally:
+        lab.down(lab_dir)
+
+
 @pytest.mark.parametrize("mode,phase,fault", cases(), ids=lambda x: str(x))
-def test_fault(started, mode, phase, fault):
-    t = started
+def test_fault(matrix_cluster, mode, phase, fault):
+    t = matrix_cluster
+    lab_dir = t.cluster.dir
     t0 = time.monotonic()
     for spec in ("site-a1:v1", "site-a2:v2", "site-b:v3"):
         t.volume_create(spec, SIZE)
@@ -172,6 +195,8 @@ def test_fault(started, mode, phase, fault):
     if action == "kill":
         killed = node
         os.kill(pid_of(t, node), signal.SIGKILL)
+    elif action == "cut":
+        netlab.cut(lab_dir)
     else:
         os.kill(pid_of(t, node), signal.SIGSTOP)
         paused.append(pid_of(t, node))
@@ -182,6 +207,8 @@ def test_fault(started, mode, phase, fault):
     w.halt()
     for pid in paused:
         os.kill(pid, signal.SIGCONT)
+    if action == "cut":
+        netlab.heal(lab_dir)
     prefix_ok = "n/a"
     if killed != "site-b":
         settle_secondary(t)
