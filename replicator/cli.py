@@ -104,7 +104,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines.append("PAIRS")
     for p in st["pairs"]:
         lines.append(f"  {p['primary']} -> {p['secondary']}  {p['mode']:<5} group={p['group']} "
-                     f"state={p['state']} lag={p['lag_writes']} writes/{p['lag_bytes']} bytes "
+                     f"state={p['state']} lag={p['lag_writes']} writes/{p['lag_bytes']} bytes/{p.get('lag_seconds', 0):.1f}s "
                      + (f"applied={p['applied_seq']} journal={p['journal_used_bytes'] / 2**20:.1f}MiB "
                         if p["mode"] == "async" else "") +
                      f"valid={p['copy_source_valid']}" + (f"  ({p['suspend_reason']})" if p.get("suspend_reason") else ""))
@@ -189,11 +189,56 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from . import lab
     if args.action == "up":
         r = lab.up(Path(args.dir), mode=args.mode, size=parse_size(args.size), netns=args.netns, tls=args.tls,
-                   progress=_progress(args))
+                   progress=_progress(args), wan_rate=args.wan_rate)
         print(json.dumps(r, indent=2))
     else:
         r = lab.down(Path(args.dir))
         _emit(args, r, f"lab in {r['dir']} is down")
+    return 0
+
+
+def cmd_fault(args: argparse.Namespace) -> int:
+    from . import netlab
+    lab_dir = Path(args.dir)
+    if args.action in netlab.SIGNALS:
+        cluster = Path(args.cluster) if args.cluster else lab_dir / "cluster.toml"
+        if not cluster.is_file():
+            raise UsageError(f"no cluster file {cluster} (use --dir LABDIR or --cluster FILE)")
+        r = netlab.signal_node(cluster, args.node, args.action)
+        _emit(args, r, f"{args.node} (pid {r['pid']}): {r['signal']}")
+        return 0
+    if args.action == "cut":
+        r = netlab.cut(lab_dir)
+    elif args.action == "heal":
+        r = netlab.heal(lab_dir)
+    elif args.action == "throttle":
+        r = netlab.throttle(lab_dir, args.rate)
+    else:
+        r = netlab.wan_status(lab_dir)
+    _emit(args, r, f"WAN link of lab {r['id']}: {r['wan']}, rate {r['rate']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report, timeline
+    out = Path(args.out)
+    if args.migrate:
+        if not args.device:
+            raise UsageError("--migrate needs --device (the attached host device to put load on)")
+        source, target = args.migrate
+        data, _ = timeline.record_migration(_terminal(args), source, target, args.device,
+                                            out.with_suffix(".logs"), iodepth=args.iodepth,
+                                            rate_limit_bytes_s=parse_size(args.rate) if args.rate else 0)
+        out.with_suffix(".json").write_text(json.dumps(data))
+    elif args.timeline:
+        try:
+            data = json.loads(Path(args.timeline).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read timeline {args.timeline}: {exc}") from None
+    else:
+        raise UsageError("give a TIMELINE.json to draw, or --migrate SOURCE TARGET --device DEV to record one")
+    png = report.plot(data, out)
+    _emit(args, {"png": str(png), "samples": len(data["samples"])}, f"wrote {png}")
     return 0
 
 
@@ -279,6 +324,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", default="1G")
     sp.add_argument("--netns", action="store_true", help="each site in its own network namespace")
     sp.add_argument("--tls", action="store_true", help="hosts reach the virtual volume over NBD with TLS (PSK)")
+    sp.add_argument("--wan-rate", default="200mbit", help="with --netns: rate limit of the WAN link (tc syntax)")
+
+    sp = command("fault", cmd_fault, "inject a fault into a lab: WAN cut/heal/throttle, kill/pause/resume a node")
+    fsub = sp.add_subparsers(dest="action", required=True)
+    fault_help = {"cut": "take the WAN link down (--netns lab)", "heal": "bring the WAN link back up",
+                  "throttle": "change the WAN rate limit", "show": "the WAN link's state",
+                  "kill": "kill -9 a node by its PID file", "pause": "SIGSTOP a node",
+                  "resume": "SIGCONT a paused node"}
+    for action, text in fault_help.items():
+        a = fsub.add_parser(action, help=text)
+        if action in ("kill", "pause", "resume"):
+            a.add_argument("node", metavar="NODE")
+        if action == "throttle":
+            a.add_argument("--rate", required=True, help="e.g. 10mbit, 500kbit")
+        a.add_argument("--dir", default="rcopy-lab", help="the lab's directory (default ./rcopy-lab)")
+        a.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = command("report", cmd_report, "draw a PNG timeline of a migration under load")
+    sp.add_argument("timeline", nargs="?", help="a timeline JSON (from --migrate or scripts/bench)")
+    sp.add_argument("--migrate", nargs=2, metavar=("SOURCE", "TARGET"),
+                    help="record one: migrate SOURCE to TARGET while fio writes to --device")
+    sp.add_argument("--device", help="with --migrate: the host device (from rcopy attach / lab up)")
+    sp.add_argument("--iodepth", type=int, default=4)
+    sp.add_argument("--rate", help="with --migrate: background copy rate limit per second, e.g. 64M")
+    sp.add_argument("--out", default="migration.png", help="the PNG (default migration.png)")
 
     sub.add_parser("check", help="crash-consistency writer and checker (rcopy check write|check -h)")
     return p
