@@ -300,6 +300,12 @@ class Terminal:
         secondary_node = parse_volume(pair["secondary"])[0]
         if not next((n["up"] for n in status["nodes"] if n["name"] == secondary_node), False):
             raise NodeUnreachable(f"secondary node {secondary_node} is down; remote copy must be running")
+        for src in mapping:
+            sec = vols.get(pairs[src]["secondary"], {})
+            if str(sec.get("copy_source_valid") or "1") != "1":
+                raise StateError(f"secondary {pairs[src]['secondary']} still has the source of an earlier "
+                                 f"migration (copy_source_valid={sec['copy_source_valid']}); finish that one "
+                                 f"with rcopy remove OLD-NODE first")
         spec = []
         for src, dst in mapping.items():
             if dst not in vols:

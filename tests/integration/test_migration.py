@@ -88,6 +88,11 @@ def test_migrate_under_writes_remote_copy_continues(started, mode, transfer):
     assert t.verify("site-a2:v2", "site-b:v3", timeout_s=120)["identical"]
     assert t.verify("site-a1:v1", "site-a2:v2", wait=False)["identical"] is False or w.count == 0
 
+    t.volume_create("site-a1:vback", size)            # a second migration before remove: refused
+    with pytest.raises(StateError, match="earlier migration"):
+        t.migrate("site-a2:v2", "site-a1:vback")
+    assert next(vv for vv in t.status()["vvols"] if vv["name"] == "app")["target"] == "site-a2:v2"
+
     t.remove("site-a1")
     st = t.status()
     assert not any(p["primary"] == "site-a1:v1" for p in st["pairs"])
