@@ -197,6 +197,17 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from . import keys
+    directory = Path(args.dir)
+    curve = keys.generate(directory)
+    psk = keys.generate_tls_psk(directory) if args.tls else None
+    r = {"keys": str(curve), "tls_psk": str(psk) if psk else None}
+    _emit(args, r, f"CURVE keys in {curve}" + (f", NBD TLS PSK {psk}" if psk else "")
+          + f"; put keys = \"{curve.resolve()}\" in the cluster file and copy the directory to every node")
+    return 0
+
+
 def cmd_fault(args: argparse.Namespace) -> int:
     from . import netlab
     lab_dir = Path(args.dir)
@@ -340,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--rate", required=True, help="e.g. 10mbit, 500kbit")
         a.add_argument("--dir", default="rcopy-lab", help="the lab's directory (default ./rcopy-lab)")
         a.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = command("keys", cmd_keys, "generate the cluster's CURVE keys (and an NBD TLS PSK) into a directory")
+    sp.add_argument("dir", metavar="DIR", help="e.g. /var/lib/rcopy/keys (existing keys are kept)")
+    sp.add_argument("--tls", action="store_true", help="also a PSK file for NBD over TLS")
 
     sp = command("report", cmd_report, "draw a PNG timeline of a migration under load")
     sp.add_argument("timeline", nargs="?", help="a timeline JSON (from --migrate or scripts/bench)")

@@ -41,6 +41,7 @@ def generate(directory: Path) -> Path:
     for name in ("server", "client"):
         if not (directory / f"{name}.key_secret").exists():
             zmq.auth.create_certificates(str(directory), name)
+        (directory / f"{name}.key_secret").chmod(0o600)  # a secret key is for root's eyes only
     auth = directory / "authorized"
     auth.mkdir(exist_ok=True)
     shutil.copy(directory / "client.key", auth / "client.key")
