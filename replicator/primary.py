@@ -35,6 +35,7 @@ COPY_WAIT_S = 20.0              # an async region copy waits this long for the a
 SYNC_TIMEOUT_S = 5.0            # a sync write waits this long for the secondary, then suspends
 PUSH_BATCH_BYTES = 4 << 20
 HEARTBEAT_S = 0.5
+DISCARD_EVERY_S = 0.05          # under load, free applied journal space (a durable meta write) this often
 JOURNAL_BYTES_DEFAULT = 256 << 20
 USER_SUSPEND = "suspended by user"
 
@@ -54,6 +55,16 @@ class SourceGroup:
     stop: bool = False
     thread: threading.Thread | None = None  # the push loop
     append_times: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, when stored)
+    last_discard: float = 0.0
+
+    def should_discard(self, applied: int, now: float) -> bool:
+        """Free applied journal space now? Each discard is a durable meta write, so under load
+        at most every DISCARD_EVERY_S; at once when the secondary has everything (status then
+        shows no lag) or the journal is half full. Discarding late is safe: after a crash the
+        entries the secondary already applied are resent and ignored there."""
+        j = self.journal
+        return (applied >= j.stored or now - self.last_discard >= DISCARD_EVERY_S
+                or 2 * j.used_bytes >= j.capacity_bytes)
 
     def lag_seconds(self, applied: int) -> float:
         """Age of the oldest acknowledged write the secondary has not applied (RPO in seconds)."""
@@ -216,12 +227,16 @@ class PrimarySide:
     def _fold_and_suspend(self, group: SourceGroup, reason: str) -> None:
         """Journal full or user suspend: fold unapplied entries into diff bitmaps (SPEC durability rules)."""
         with group.lock:  # re-entrant: a host write that hit JournalFull already holds it
-            self._mark_dirty(group.journal.unapplied_extents())  # bits first, durably,
-            self._mark_dirty(group.journal.fold_unapplied())     # then discard the entries
+            self._fold(group)
             for v in self.volumes.values():
                 if v.info.group == group.name and v.info.remote_copy_flag == "source":
                     self._suspend_volume(v, reason)
             self.save()
+
+    def _fold(self, group: SourceGroup) -> None:
+        """Move every journal entry the secondary has not applied into the diff bitmaps."""
+        self._mark_dirty(group.journal.unapplied_extents())  # bits first, durably,
+        self._mark_dirty(group.journal.fold_unapplied())     # then discard the entries
 
     def _mark_dirty(self, extents: list[tuple[str, int, int]]) -> None:
         for vname, offset, length in extents:
@@ -245,6 +260,9 @@ class PrimarySide:
         if vol.info.mode == "async":
             group = self.source_groups[vol.info.group]
             with group.lock:
+                # The secondary restarts its sequence at next_seq: whatever the journal still
+                # holds unapplied (a suspend by a failed copy does not fold) goes by the bitmap.
+                self._fold(group)
                 next_seq = group.journal.counter
                 self.peer(dest, wire.Message("pair.resync_begin", {
                     "group": vol.info.group, "next_seq": next_seq, "source": self.name}))
@@ -452,9 +470,10 @@ class PrimarySide:
             elif entries:
                 group.next_send = entries[-1].seq + 1
                 journal.mark_transferred(entries[-1].seq)
-            applied = int(reply.get("applied", 0))
-            if applied:
-                journal.mark_applied(min(applied, journal.stored))
+            applied = min(int(reply.get("applied", 0)), journal.stored)
+            if applied > journal.applied and group.should_discard(applied, now):
+                journal.mark_applied(applied)
+                group.last_discard = now
 
     def _maybe_auto_resume(self, group: SourceGroup, dest: PeerVolume) -> None:
         members = [v for v in self.volumes.values()

@@ -70,8 +70,11 @@ class SecondarySide:
 
     def _store_applied(self, group: str, seq: int) -> None:
         path = self._applied_path(group)
-        path.parent.mkdir(exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the first one: make the directory
+            path.parent.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             os.pwrite(fd, f"{seq:020d}\n".encode(), 0)
         finally:
