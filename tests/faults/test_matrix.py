@@ -8,6 +8,7 @@ Each case appends a row to ``fault-matrix.md`` in the results directory.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -208,7 +209,8 @@ def test_fault(matrix_cluster, mode, phase, fault):
     # paused nodes running again and killed ones still dead)
     w.halt()
     for pid in paused:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # paused first, then killed by the fault
+            os.kill(pid, signal.SIGCONT)
     if action == "cut":
         netlab.heal(lab_dir)
     prefix_ok = "n/a"
