@@ -120,6 +120,8 @@ class Node(PrimarySide, SecondarySide):
         for info in self.mgmt.volumes.values():
             if info.remote_copy_flag == "source" and info.mode == "async":
                 self._source_group(info.group)
+        for group in self.source_groups.values():
+            self._roll_forward(group)
         for vol in self.volumes.values():
             self._recover_activity(vol)
         for gname, ginfo in self.mgmt.groups.items():

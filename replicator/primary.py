@@ -56,6 +56,15 @@ class SourceGroup:
     thread: threading.Thread | None = None  # the push loop
     append_times: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, when stored)
     last_discard: float = 0.0
+    writing: set[int] = field(default_factory=set)  # journaled, volume write not yet done
+
+    def discardable(self, applied: int) -> int:
+        """The highest sequence number whose journal space may be freed: applied at the
+        secondary and already written to the primary's own volume (a crash between the
+        journal append and the volume write is repaired by rolling the journal forward)."""
+        with self.lock:
+            first_writing = min(self.writing, default=applied + 1)
+        return min(applied, self.journal.stored, first_writing - 1)
 
     def should_discard(self, applied: int, now: float) -> bool:
         """Free applied journal space now? Each discard is a durable meta write, so under load
@@ -104,6 +113,7 @@ class PrimarySide:
     def _write_async(self, vol: Volume, data: bytes, offset: int) -> None:
         info = vol.info
         group = self.source_groups[info.group]
+        seq = 0
         with group.lock:
             if info.pair_state == states.SUSPENDED or vol.diff.any_set(offset, len(data)):
                 vol.diff.set_range(offset, len(data))
@@ -111,10 +121,16 @@ class PrimarySide:
                 try:
                     seq = group.journal.append(info.name, offset, bytes(data))  # S2401-S2404
                     group.append_times.append((seq, time.monotonic()))
+                    group.writing.add(seq)
                 except JournalFull:
                     self._fold_and_suspend(group, "journal full")
                     vol.diff.set_range(offset, len(data))
-        vol.store.write(offset, data)  # S1133
+        try:
+            vol.store.write(offset, data)  # S1133
+        finally:
+            if seq:
+                with group.lock:
+                    group.writing.discard(seq)
         with group.new_data:
             group.new_data.notify()
 
@@ -413,6 +429,23 @@ class PrimarySide:
                 v.info.suspend_reason = "journal recovery: resynchronising"
         self.save()
 
+    def _roll_forward(self, group: SourceGroup) -> None:
+        """After a restart, rewrite every journal entry into its volume, in order: a crash
+        between the journal append and the volume write must not leave the secondary (which
+        may have applied the entry) ahead of the primary. A migration source past its handover
+        is skipped: the handover waited for its writes, and a dual write may be newer."""
+        journal, seq, count = group.journal, group.journal.discarded + 1, 0
+        while seq <= journal.stored:
+            entries = journal.read(seq)
+            for e in entries:
+                vol = self.volumes.get(e.volume)
+                if vol is not None and vol.info.migration.get("role") != "source":
+                    vol.store.write(e.offset, e.data)
+                    count += 1
+            seq = entries[-1].seq + 1
+        if count:
+            log.info("journal %s: rolled %d entries forward into the volumes", group.name, count)
+
     def _start_source_group(self, group: SourceGroup) -> None:
         if group.thread is None and self.server is not None:
             group.thread = self._spawn(lambda: self._push_loop(group), f"rcopy-push-{group.name}")
@@ -470,7 +503,7 @@ class PrimarySide:
             elif entries:
                 group.next_send = entries[-1].seq + 1
                 journal.mark_transferred(entries[-1].seq)
-            applied = min(int(reply.get("applied", 0)), journal.stored)
+            applied = group.discardable(int(reply.get("applied", 0)))
             if applied > journal.applied and group.should_discard(applied, now):
                 journal.mark_applied(applied)
                 group.last_discard = now
@@ -498,7 +531,7 @@ class PrimarySide:
         journal = group.journal
         applied = int(msg.get("applied", 0))
         if applied:
-            journal.mark_applied(min(applied, journal.stored))
+            journal.mark_applied(group.discardable(applied))
         dest, _, pair_state = self._group_dest(group)
         if pair_state == states.SUSPENDED:
             return wire.ok(entries=[], applied=journal.applied)
@@ -515,6 +548,6 @@ class PrimarySide:
     def _h_journal_applied(self, msg: wire.Message) -> wire.Message:
         group = self.source_groups.get(msg["group"])
         if group is not None:
-            group.journal.mark_applied(min(int(msg["applied"]), group.journal.stored))
+            group.journal.mark_applied(group.discardable(int(msg["applied"])))
         return wire.ok()
 

@@ -31,3 +31,12 @@ def test_defers_under_load_until_the_interval_passed() -> None:
 
 def test_discards_at_once_when_the_journal_is_half_full() -> None:
     assert group(stored=50, used=500, last_discard=5.0).should_discard(40, now=5.0)
+
+
+def test_never_frees_an_entry_whose_volume_write_is_still_running() -> None:
+    g = group(stored=50, used=100, last_discard=5.0)
+    g.writing = {42, 45}
+    assert g.discardable(48) == 41
+    g.writing.clear()
+    assert g.discardable(48) == 48
+    assert g.discardable(60) == 50  # never past what is stored
