@@ -52,6 +52,7 @@ class VolumeInfo:
     copy_source_info: list[PeerVolume] = field(default_factory=list)
     copy_source_valid: str = "1"
     consistent: bool = True                # dest: False while a (re)sync is running
+    copy_epoch: int = 0                    # raised by each resync; older pair.writes are stale
     rw_mode: str = "normal"
     migration_source_info: PeerVolume | None = None
     migration_dest_info: PeerVolume | None = None

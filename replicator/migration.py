@@ -310,6 +310,7 @@ class MigrationManager:
                 v.info.pair_state = m["pair_state"]
                 v.info.suspend_reason = m.get("suspend_reason", "")
                 v.info.auto_resume = bool(m.get("auto_resume", True))
+                v.info.copy_epoch = int(m.get("copy_epoch", 0))
                 v.diff.merge(bytes.fromhex(m["diff_bitmap"]))
                 v.info.migration["handover_seq"] = info["handover_seq"]
                 v.info.migration["source_pair_state"] = m["pair_state"]
@@ -365,6 +366,7 @@ class MigrationManager:
             members.append({"volume": v.info.name, "mode": v.info.mode, "group": v.info.group,
                             "transfer": v.info.transfer, "pair_state": v.info.pair_state,
                             "suspend_reason": v.info.suspend_reason, "auto_resume": v.info.auto_resume,
+                            "copy_epoch": v.info.copy_epoch,
                             "diff_bitmap": v.diff.to_bytes().hex()})
             if v.info.mode == "async":
                 group = node.source_groups[v.info.group]

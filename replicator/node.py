@@ -350,7 +350,7 @@ class Node(PrimarySide, SecondarySide):
             info = v.info
             vols.append({"node": self.name, "name": info.name, "size": info.size,
                          "rw_mode": info.rw_mode, "role": info.role,
-                         "consistent": info.consistent, "writes": v.writes,
+                         "consistent": info.consistent, "copy_epoch": info.copy_epoch, "writes": v.writes,
                          "bytes_written": v.bytes_written,
                          "copy_source_valid": info.copy_source_valid if info.role == "secondary" else None,
                          "migrated_fraction": v.migrated.fraction_set() if info.rw_mode != "normal" else None,

@@ -106,7 +106,7 @@ class PrimarySide:
         dest = vol.info.copy_dest_info
         assert dest is not None
         fields = {"volume": dest.volume, "offset": offset, "source": self.name, "zero": zero,
-                  "after_seq": after_seq}
+                  "after_seq": after_seq, "epoch": vol.info.copy_epoch}
         self.peer(dest, wire.Message("pair.write", fields, [data] if data is not None else []),
                   timeout_s=COPY_WAIT_S + SYNC_TIMEOUT_S if after_seq else SYNC_TIMEOUT_S)
 
@@ -167,7 +167,8 @@ class PrimarySide:
             next_seq = 0
         self.peer(secondary, wire.Message("pair.join", {
             "volume": secondary.volume, "source": self.me(info.name).__dict__, "size": info.size,
-            "mode": mode, "group": group, "transfer": transfer, "next_seq": next_seq}))
+            "mode": mode, "group": group, "transfer": transfer, "next_seq": next_seq,
+            "epoch": info.copy_epoch}))
         with self.mgmt.lock:
             info.remote_copy_flag = "source"
             info.mode, info.group, info.transfer = mode, group, transfer
@@ -273,6 +274,7 @@ class PrimarySide:
             return
         dest = vol.info.copy_dest_info
         assert dest is not None
+        epoch = self._new_epoch(members)
         if vol.info.mode == "async":
             group = self.source_groups[vol.info.group]
             with group.lock:
@@ -281,15 +283,26 @@ class PrimarySide:
                 self._fold(group)
                 next_seq = group.journal.counter
                 self.peer(dest, wire.Message("pair.resync_begin", {
-                    "group": vol.info.group, "next_seq": next_seq, "source": self.name}))
+                    "group": vol.info.group, "next_seq": next_seq, "source": self.name, "epoch": epoch}))
                 group.next_send = next_seq
                 self._set_copying(members)
         else:
             self.peer(dest, wire.Message("pair.resync_begin", {
-                "group": "", "volume": dest.volume, "next_seq": 0, "source": self.name}))
+                "group": "", "volume": dest.volume, "next_seq": 0, "source": self.name, "epoch": epoch}))
             with vol.locks.hold(0, vol.info.size):
                 self._set_copying(members)
         self._copier_wake.set()
+
+    def _new_epoch(self, members: list[Volume]) -> int:
+        """A new copy epoch for a resync. A pair.write that timed out (the pair then suspended)
+        may still reach the secondary later, from a TCP buffer after the link heals; carrying
+        an older epoch, it is refused there instead of overwriting the resync's newer data."""
+        with self.mgmt.lock:
+            epoch = max(m.info.copy_epoch for m in members) + 1
+            for m in members:
+                m.info.copy_epoch = epoch
+            self.save()
+        return epoch
 
     def _set_copying(self, members: list[Volume]) -> None:
         with self.mgmt.lock:

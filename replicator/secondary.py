@@ -5,6 +5,7 @@ A mixin of Node: it uses the node's volumes, management store and peers.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -97,6 +98,7 @@ class SecondarySide:
             info.copy_source_info = [source]
             info.copy_source_valid = states.SOURCE_1
             info.consistent = False
+            info.copy_epoch = int(msg.get("epoch", 0))
             if mode == "async":
                 ginfo = self.mgmt.groups.get(group) or GroupInfo(group, mode)
                 self.mgmt.groups[group] = ginfo
@@ -163,18 +165,32 @@ class SecondarySide:
         if not zero and not msg.payloads:
             raise ProtocolError("pair.write without data")
         after_seq = int(msg.get("after_seq", 0))
+        epoch = int(msg.get("epoch", 0))
+        length = zero or len(msg.payloads[0])
+        vol.store.check(offset, length)
         dg = self.dest_groups.get(vol.info.group) if after_seq else None
         if dg is None:
-            self._store_copy(vol, offset, zero, msg.payloads)
+            with vol.locks.hold(offset, length):
+                self._check_epoch(vol, epoch, msg["source"])
+                self._store_copy(vol, offset, zero, msg.payloads)
             return wire.ok()
         # An async region copy goes between journal entries after_seq and after_seq + 1.
         with dg.progress:
             if not dg.progress.wait_for(lambda: dg.applier.last_applied >= after_seq, COPY_WAIT_S):
                 raise StateError(f"secondary is still applying up to {after_seq} "
                                  f"(applied {dg.applier.last_applied}); retry the copy later")
-        with dg.lock:
+        with dg.lock, vol.locks.hold(offset, length):
+            self._check_epoch(vol, epoch, msg["source"])
             self._store_copy(vol, offset, zero, msg.payloads)
         return wire.ok()
+
+    @staticmethod
+    def _check_epoch(vol: Volume, epoch: int, source: str) -> None:
+        if epoch < vol.info.copy_epoch:
+            why = (f"stale copy message from {source} (copy epoch {epoch}, "
+                   f"{vol.info.name} is at {vol.info.copy_epoch}); ignored")
+            log.warning("%s", why)
+            raise StateError(why)
 
     def _store_copy(self, vol: Volume, offset: int, zero: int, payloads: list[bytes]) -> None:
         if zero:
@@ -185,20 +201,26 @@ class SecondarySide:
 
     def _h_resync_begin(self, msg: wire.Message) -> wire.Message:
         group = msg.get("group")
+        epoch = int(msg.get("epoch", 0))
         with self.mgmt.lock:
             if group:
                 dg = self.dest_groups.get(group)
                 if dg is None:
                     raise NotFound(f"{self.name} receives no group {group!r}")
-                with dg.lock:
-                    dg.applier.reset(int(msg["next_seq"]) - 1)
-                    dg.consistent_at = 1 << 62
-                    self._store_applied(group, int(msg["next_seq"]) - 1)
                 vols = [v for v in self.volumes.values() if v.info.group == group and v.info.remote_copy_flag == "dest"]
             else:
-                vols = [self.volume(msg["volume"])]
-            for v in vols:
-                v.info.consistent = False
+                dg, vols = None, [self.volume(msg["volume"])]
+            for v in vols:  # a late copy of an earlier resync must not reset this one
+                self._check_epoch(v, epoch, msg.get("source", "?"))
+            with dg.lock if dg is not None else contextlib.nullcontext():
+                if dg is not None:
+                    dg.applier.reset(int(msg["next_seq"]) - 1)
+                    dg.consistent_at = 1 << 62
+                    self._store_applied(dg.info.name, int(msg["next_seq"]) - 1)
+                for v in vols:
+                    with v.locks.hold(0, v.info.size):  # pair.writes in progress finish first
+                        v.info.copy_epoch = epoch
+                        v.info.consistent = False
             self.save()
         return wire.ok()
 

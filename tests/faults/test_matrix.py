@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -148,6 +149,10 @@ def matrix_cluster(request, tmp_path):
             t.node_start(name)
         yield t
     finally:
+        for log in lab_dir.glob("*/*.log"):  # kept in tmp_path for a post-mortem; the lab goes
+            dest = tmp_path / "logs" / log.parent.name
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, dest / log.name)
         lab.down(lab_dir)
 
 

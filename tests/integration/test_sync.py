@@ -172,6 +172,29 @@ def test_secondary_down_suspends_then_resumes_with_resync(started):
     h.shutdown()
 
 
+def test_a_copy_message_from_before_a_resync_is_refused(started):
+    """A pair.write that timed out at the primary (the pair then suspended) can still reach
+    the secondary later, from a TCP buffer once a cut link heals. After the resync that
+    followed, its old copy epoch gets it refused: it must not overwrite newer data."""
+    t = started
+    make_pair(t, 4 * MiB, "sync")
+    h = nbd_handle(t, "site-a1:v1")
+    h.pwrite(b"new!" * 1024, 0)
+    old = t.node_request("site-b", "status")["volumes"]
+    epoch = next(v for v in old if v["name"] == "v3").get("copy_epoch", 0)
+    t.pair_command("suspend", "site-a1:v1")
+    t.pair_command("resume", "site-a1:v1")
+    t.wait_duplex("site-a1:v1", 60)
+    late = {"volume": "v3", "offset": 0, "source": "site-a1", "zero": 0, "after_seq": 0, "epoch": epoch}
+    with pytest.raises(StateError, match="stale copy message"):
+        t.request(t.cluster.node("site-b"), "pair.write", payloads=[b"old!" * 1024], **late)
+    with pytest.raises(StateError, match="stale copy message"):
+        t.node_request("site-b", "pair.resync_begin", group="", volume="v3", next_seq=0,
+                       source="site-a1", epoch=epoch)
+    assert t.verify("site-a1:v1", "site-b:v3")["identical"]
+    h.shutdown()
+
+
 def test_unreachable_node_is_a_clear_error(cluster):
     with pytest.raises(NodeUnreachable, match="rcopy node start site-a1"):
         cluster.volume_create("site-a1:v1", 8 * MiB)
