@@ -189,7 +189,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from . import lab
     if args.action == "up":
         r = lab.up(Path(args.dir), mode=args.mode, size=parse_size(args.size), netns=args.netns, tls=args.tls,
-                   progress=_progress(args), wan_rate=args.wan_rate)
+                   progress=_progress(args), wan_rate=args.wan_rate, wan_delay_ms=args.wan_delay)
         print(json.dumps(r, indent=2))
     else:
         r = lab.down(Path(args.dir))
@@ -224,9 +224,11 @@ def cmd_fault(args: argparse.Namespace) -> int:
         r = netlab.heal(lab_dir)
     elif args.action == "throttle":
         r = netlab.throttle(lab_dir, args.rate)
+    elif args.action == "delay":
+        r = netlab.delay(lab_dir, args.ms)
     else:
         r = netlab.wan_status(lab_dir)
-    _emit(args, r, f"WAN link of lab {r['id']}: {r['wan']}, rate {r['rate']}")
+    _emit(args, r, f"WAN link of lab {r['id']}: {r['wan']}, rate {r['rate']}, delay {r['delay_ms']:g} ms")
     return 0
 
 
@@ -336,11 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--netns", action="store_true", help="each site in its own network namespace")
     sp.add_argument("--tls", action="store_true", help="hosts reach the virtual volume over NBD with TLS (PSK)")
     sp.add_argument("--wan-rate", default="200mbit", help="with --netns: rate limit of the WAN link (tc syntax)")
+    sp.add_argument("--wan-delay", type=float, metavar="MS",
+                    help="with --netns: one-way latency of the WAN link in ms (changeable later with rcopy fault delay)")
 
     sp = command("fault", cmd_fault, "inject a fault into a lab: WAN cut/heal/throttle, kill/pause/resume a node")
     fsub = sp.add_subparsers(dest="action", required=True)
     fault_help = {"cut": "take the WAN link down (--netns lab)", "heal": "bring the WAN link back up",
-                  "throttle": "change the WAN rate limit", "show": "the WAN link's state",
+                  "throttle": "change the WAN rate limit", "delay": "change the WAN latency (lab up --wan-delay)",
+                  "show": "the WAN link's state",
                   "kill": "kill -9 a node by its PID file", "pause": "SIGSTOP a node",
                   "resume": "SIGCONT a paused node"}
     for action, text in fault_help.items():
@@ -349,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("node", metavar="NODE")
         if action == "throttle":
             a.add_argument("--rate", required=True, help="e.g. 10mbit, 500kbit")
+        if action == "delay":
+            a.add_argument("--ms", type=float, required=True, help="one-way latency in milliseconds, e.g. 20")
         a.add_argument("--dir", default="rcopy-lab", help="the lab's directory (default ./rcopy-lab)")
         a.add_argument("--json", action="store_true", help="print JSON")
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from . import keys, netlab, process
 from .cluster import Cluster, Endpoint, dump, load
-from .errors import RcopyError
+from .errors import RcopyError, UsageError
 from .terminal import Terminal
 
 NODES = ("site-a1", "site-a2", "site-b")
@@ -54,24 +54,30 @@ def make_cluster(lab_dir: Path, tls: bool = False, net: netlab.NetLab | None = N
 
 
 def up(lab_dir: Path, mode: str = "async", size: int = 1 << 30, netns: bool = False, tls: bool = False,
-       progress: Callable[[str], None] = lambda s: None, wan_rate: str = netlab.DEFAULT_RATE) -> dict[str, Any]:
+       progress: Callable[[str], None] = lambda s: None, wan_rate: str = netlab.DEFAULT_RATE,
+       wan_delay_ms: float | None = None) -> dict[str, Any]:
     """Build the lab; on any failure tear down what was built and re-raise.
 
     ``netns``: each site in its own network namespace, site-b behind a WAN link
-    limited to ``wan_rate`` (netlab.py).
+    limited to ``wan_rate`` and, with ``wan_delay_ms``, that much one-way latency (netlab.py).
     """
     lab_dir = lab_dir.resolve()
     if (lab_dir / "cluster.toml").exists():
         raise RcopyError(f"a lab already exists in {lab_dir}; run rcopy lab down --dir {lab_dir} first")
     if netns:
-        netlab.parse_rate(wan_rate)  # a bad rate is a usage error before anything is built
+        netlab.parse_rate(wan_rate)  # a bad rate or delay is a usage error before anything is built
+        netlab.check_delay(wan_delay_ms)
+    elif wan_delay_ms is not None:
+        raise UsageError("--wan-delay needs --netns (the WAN link exists only in the namespace lab)")
     lab_dir.mkdir(parents=True, exist_ok=True)
     (lab_dir / LAB_MARK).write_text("made by rcopy lab up\n")
     net = None
     try:
         if netns:
-            progress(f"creating network namespaces (WAN {wan_rate})")
-            net = netlab.setup(lab_dir, local=["host", "site-a1", "site-a2"], remote="site-b", rate=wan_rate)
+            delay = f", {wan_delay_ms:g} ms one way" if wan_delay_ms is not None else ""
+            progress(f"creating network namespaces (WAN {wan_rate}{delay})")
+            net = netlab.setup(lab_dir, local=["host", "site-a1", "site-a2"], remote="site-b", rate=wan_rate,
+                               delay_ms=wan_delay_ms)
         cluster = make_cluster(lab_dir, tls=tls, net=net)
         cluster.path.write_text(dump(cluster))
         term = Terminal(cluster)

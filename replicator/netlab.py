@@ -38,6 +38,7 @@ NETNS_DIR = Path("/run/netns")
 DEFAULT_RATE = "200mbit"
 SWITCH = "sw"
 WAN_DEV = "wan0"
+DELAY_FILE, DELAY_PID, DELAY_LOG = "wan-delay-ms", "delaylink.pid", "delaylink.log"
 
 
 class NetworkError(RcopyError):
@@ -63,6 +64,7 @@ class NetLab:
     namespaces: list[str] = field(default_factory=list)    # every namespace, in creation order
     root_link: str = ""                                     # the one veth end in the root namespace
     cut: bool = False
+    delay_ms: float | None = None  # None: a plain veth WAN link; else TUN devices + delaylink
 
     @property
     def switch(self) -> str:
@@ -188,17 +190,23 @@ def _netns_list() -> list[Path]:
 
 # ---------------------------------------------------------------------- setup and teardown
 def setup(lab_dir: Path, local: Sequence[str] = ("host", "site-a1", "site-a2"), remote: str = "site-b",
-          rate: str = DEFAULT_RATE) -> NetLab:
-    """Create the namespaces, the local-site switch and the WAN link for daemons ``local`` + ``remote``."""
+          rate: str = DEFAULT_RATE, delay_ms: float | None = None) -> NetLab:
+    """Create the namespaces, the local-site switch and the WAN link for daemons ``local`` + ``remote``.
+
+    ``delay_ms`` (0 or more): the WAN link gets that one-way latency (delaylink.py), which
+    ``delay`` can change later.
+    """
     lab_dir = Path(lab_dir)
     rate_bits = parse_rate(rate)
+    check_delay(delay_ms)
     if (lab_dir / RECORD).exists():
         raise StateError(f"{lab_dir} already has a lab network; run rcopy lab down --dir {lab_dir} first")
     lab_dir.mkdir(parents=True, exist_ok=True)
     with _Lock():
         lab_id, k = _pick()
         lan, wan = f"10.231.{2 * k}", f"10.231.{2 * k + 1}"
-        net = NetLab(id=lab_id, lan=lan, wan=wan, rate=f"{rate_bits}bit", root_link=f"rc{lab_id}")
+        net = NetLab(id=lab_id, lan=lan, wan=wan, rate=f"{rate_bits}bit", root_link=f"rc{lab_id}",
+                     delay_ms=delay_ms)
         for i, name in enumerate(local):
             net.sites[name] = Site(f"rcopy-{lab_id}-{_short(name)}", f"{lan}.{10 + i}")
         net.sites[remote] = Site(f"rcopy-{lab_id}-{_short(remote)}", f"{wan}.2", remote=True)
@@ -207,14 +215,19 @@ def setup(lab_dir: Path, local: Sequence[str] = ("host", "site-a1", "site-a2"), 
             raise UsageError(f"site names {[*local, remote]} give clashing namespace names")
         _save(lab_dir, net)  # record first: teardown undoes a partial setup
         try:
-            _build(net, rate_bits)
+            _build(net, rate_bits, lab_dir)
         except BaseException:
             teardown(lab_dir)
             raise
     return net
 
 
-def _build(net: NetLab, rate_bits: int) -> None:
+def check_delay(delay_ms: float | None) -> None:
+    if delay_ms is not None and not 0 <= delay_ms <= 10_000:
+        raise UsageError(f"WAN delay {delay_ms:g} ms: give 0 to 10000 ms (one way)")
+
+
+def _build(net: NetLab, rate_bits: int, lab_dir: Path) -> None:
     lan, wan = net.lan, net.wan
     for ns in net.namespaces:
         ip("netns", "add", ns)
@@ -240,13 +253,57 @@ def _build(net: NetLab, rate_bits: int) -> None:
         ip("link", "set", "eth0", "up", netns=site.netns)
         ip("route", "add", "default", "via", f"{lan}.1", netns=site.netns)
     b = net.remote.netns
-    ip("link", "add", WAN_DEV, "type", "veth", "peer", "name", WAN_DEV, "netns", b, netns=sw)
+    if net.delay_ms is None:
+        ip("link", "add", WAN_DEV, "type", "veth", "peer", "name", WAN_DEV, "netns", b, netns=sw)
+    else:
+        _start_delay_line(net, lab_dir)
     ip("addr", "add", f"{wan}.1/24", "dev", WAN_DEV, netns=sw)
     ip("addr", "add", f"{wan}.2/24", "dev", WAN_DEV, netns=b)
     for ns in (sw, b):
         _shape(ns, WAN_DEV, rate_bits)
         ip("link", "set", WAN_DEV, "up", netns=ns)
     ip("route", "add", "default", "via", f"{wan}.1", netns=b)
+
+
+def _start_delay_line(net: NetLab, lab_dir: Path) -> None:
+    """The WAN link as a TUN device at each end and a delaylink process between them."""
+    for ns in (net.switch, net.remote.netns):
+        ip("tuntap", "add", "dev", WAN_DEV, "mode", "tun", netns=ns)
+    (lab_dir / DELAY_FILE).write_text(f"{net.delay_ms:g}\n")
+    pidfile = lab_dir / DELAY_PID
+    pidfile.unlink(missing_ok=True)
+    with open(lab_dir / DELAY_LOG, "ab") as log:
+        proc = subprocess.Popen(
+            [process.python_executable(), "-m", "replicator.delaylink", net.switch, net.remote.netns,
+             WAN_DEV, str(lab_dir / DELAY_FILE), str(pidfile)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            env=dict(os.environ, PYTHONPATH=process.python_path()))
+    try:
+        process.wait_until(lambda: pidfile.exists() or proc.poll() is not None, 30, "the WAN delay line")
+    except RcopyError:
+        proc.kill()
+        raise
+    if proc.poll() is not None:
+        raise NetworkError(f"the WAN delay line failed (exit {proc.returncode}): "
+                           + process.tail(str(lab_dir / DELAY_LOG)))
+
+
+def delay(lab_dir: Path, delay_ms: float) -> dict[str, Any]:
+    """Change the WAN link's one-way latency (a lab started with ``--wan-delay``)."""
+    net = _need(lab_dir)
+    check_delay(delay_ms)
+    if net.delay_ms is None:
+        raise StateError(f"the WAN link of lab {net.id} has no delay line; start the lab with "
+                         f"--netns --wan-delay MS (0 is fine) to change its latency later")
+    if not process.alive(process.read_pid(str(Path(lab_dir) / DELAY_PID))):
+        raise StateError(f"the WAN delay line of lab {net.id} is not running "
+                         f"(see {Path(lab_dir) / DELAY_LOG}); run rcopy lab down")
+    tmp = Path(lab_dir) / f"{DELAY_FILE}.tmp"
+    tmp.write_text(f"{delay_ms:g}\n")
+    os.replace(tmp, Path(lab_dir) / DELAY_FILE)
+    net.delay_ms = delay_ms
+    _save(lab_dir, net)
+    return wan_status(lab_dir)
 
 
 def _short(name: str) -> str:
@@ -259,6 +316,8 @@ def teardown(lab_dir: Path) -> dict[str, Any]:
     report: dict[str, Any] = {"namespaces": [], "killed": []}
     if net is None:
         return report
+    if net.delay_ms is not None:
+        process.stop_pid(process.read_pid(str(Path(lab_dir) / DELAY_PID)), timeout_s=2)
     for ns in net.namespaces:
         report["killed"] += _kill_namespace(ns)
     for ns in net.namespaces:
@@ -327,7 +386,7 @@ def wan_status(lab_dir: Path) -> dict[str, Any]:
     link = json.loads(ip("-j", "link", "show", "dev", WAN_DEV, netns=net.switch))[0]
     qdisc = tc("qdisc", "show", "dev", WAN_DEV, netns=net.switch).strip()
     return {"id": net.id, "wan": "down" if "UP" not in link.get("flags", []) else "up",
-            "rate": net.rate, "qdisc": qdisc, "namespaces": net.namespaces,
+            "rate": net.rate, "delay_ms": net.delay_ms or 0, "qdisc": qdisc, "namespaces": net.namespaces,
             "addresses": {n: s.address for n, s in net.sites.items()}}
 
 

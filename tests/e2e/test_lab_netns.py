@@ -4,6 +4,7 @@ being acknowledged while the link is down, and the secondary converges after ``h
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator import netlab
+from replicator import netlab, process
 from replicator.terminal import Terminal
 from tests.conftest import run
 
@@ -101,3 +102,39 @@ def test_lab_down_removes_the_namespaces(tmp_path):
     left = {p.name for p in netlab.NETNS_DIR.iterdir()} if netlab.NETNS_DIR.exists() else set()
     assert not set(names) & left
     assert not d.exists()
+
+
+def test_wan_delay_line_adds_latency_and_can_be_changed(tmp_path):
+    """``--wan-delay``: a sync write waits at least one WAN round trip (2 x the one-way delay);
+    ``rcopy fault delay`` changes it while replication goes on; lab down stops the delay line."""
+    d = tmp_path / "lab"
+    delay_ms = 25
+    try:
+        up = rcopy_json("lab", "up", "--netns", "--mode", "sync", "--dir", str(d), "--size", "16M",
+                        "--wan-delay", str(delay_ms))
+        t = Terminal(Path(up["cluster"]))
+        assert up["netns"]["delay_ms"] == delay_ms
+        pid = int((d / netlab.DELAY_PID).read_text())
+        flags = os.O_WRONLY | os.O_DIRECT | os.O_DSYNC
+        aligned = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+        for i in range(5):
+            aligned[:] = os.urandom(4096)
+            fd = os.open(up["device"], flags)
+            try:
+                t0 = time.monotonic()
+                os.pwrite(fd, aligned, i * 4096)
+                took_ms = (time.monotonic() - t0) * 1000
+            finally:
+                os.close(fd)
+            assert took_ms >= 2 * delay_ms * 0.95, f"a sync write took {took_ms:.1f} ms"
+        changed = rcopy_json("fault", "delay", "--ms", "0", "--dir", str(d))
+        assert changed["delay_ms"] == 0
+        write(up["device"], MiB, b"c" * MiB)
+        assert t.verify("site-a1:v1", "site-b:v3", timeout_s=120)["identical"]
+        bad = subprocess.run([RCOPY, "fault", "delay", "--ms", "-5", "--dir", str(d)], capture_output=True,
+                             text=True, timeout=60)
+        assert bad.returncode != 0 and "0 to 10000 ms" in bad.stderr
+    finally:
+        down = subprocess.run([RCOPY, "lab", "down", "--dir", str(d)], capture_output=True, timeout=120)
+        print(down.stdout.decode(), down.stderr.decode())
+    assert not process.alive(pid), "lab down left the WAN delay line running"
