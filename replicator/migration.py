@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import states, wire
 from .errors import NodeUnreachable, ProtocolError, RcopyError, StateError, UsageError
 from .mgmt import PeerVolume
+from .regionmap import RegionCursor
 
 if TYPE_CHECKING:
     from .node import Node, Volume
@@ -33,6 +34,7 @@ log = logging.getLogger("rcopy.migration")
 PENDING_HOLD_MAX_S = 120.0
 POLL_S = 0.05
 PEER_TIMEOUT_S = 30.0
+COPY_STREAMS = 3         # regions of the background copy in flight at once
 VALID_QUICK_S = 3.0       # S807 waits this long for V3 before V2 goes on without holding host I/O
 
 
@@ -402,41 +404,57 @@ class MigrationManager:
                     if v.info.pair_state == states.SUSPENDED:
                         break  # the backlog was folded into diff_bitmap, which V2 took over
                     time.sleep(POLL_S)
+        if node._stop.is_set():
+            return                                                 # resumed after the restart
         with node.mgmt.lock:
             for v in vols:
                 v.info.migration["drained"] = True                 # S910
             node.save()
         for v in vols:                                             # S912-S915
             self._background_copy(v, v.info.migration_dest_info)
+        if not all(v.migrated.all_set() for v in vols):
+            return                                                 # stopped: resumed after the restart
         with node.mgmt.lock:
             for v in vols:
                 v.info.migration["complete"] = True                # S916
             node.save()
 
     def _background_copy(self, v: "Volume", target: PeerVolume) -> None:
-        start, copied = time.monotonic(), 0
-        region = v.migrated.first_clear()
-        while region is not None and not self.node._stop.is_set():
-            offset, length = v.migrated.extent(region)
+        """S912-S915: push every unmigrated region to V2, COPY_STREAMS regions in flight."""
+        cursor, progress = RegionCursor(v.migrated), _CopyProgress(v.info.migration.get("rate_limit_bytes_s"))
+        streams = [threading.Thread(target=self.node._guard(lambda: self._copy_stream(v, target, cursor, progress),
+                                                             "rcopy-migrate-copy"), daemon=True)
+                   for _ in range(COPY_STREAMS)]
+        for t in streams:
+            t.start()
+        for t in streams:
+            t.join()
+
+    def _copy_stream(self, v: "Volume", target: PeerVolume, cursor: RegionCursor, progress: "_CopyProgress") -> None:
+        try:
+            while (region := cursor.take()) is not None and not self.node._stop.is_set():
+                try:
+                    if self._push_region(v, target, region):
+                        v.migrated.set(region)                     # S915
+                        self.rate_bytes_s = progress.add(v.migrated.extent(region)[1])
+                finally:
+                    cursor.release(region)
+        finally:
+            self.node.clients.forget_thread()
+
+    def _push_region(self, v: "Volume", target: PeerVolume, region: int) -> bool:
+        """Send one region to V2, retrying while it is unreachable; False if the node stops first."""
+        while not self.node._stop.is_set():
             data, zero = self._region_data(v, region)
             try:
                 self.node.peer(target, wire.Message("mig.region", {
                     "volume": target.volume, "region": region, "zero": zero},
                     [data] if data is not None else []), timeout_s=PEER_TIMEOUT_S)
+                return True
             except NodeUnreachable as exc:
                 log.warning("background copy to %s paused: %s", target.node, exc)
                 time.sleep(1.0)
-                continue
-            v.migrated.set(region)                                 # S915
-            copied += length
-            elapsed = time.monotonic() - start
-            limit = float(v.info.migration.get("rate_limit_bytes_s") or 0)
-            if limit and copied / limit > elapsed:                 # throttle to the requested rate
-                time.sleep(min(copied / limit - elapsed, 5.0))
-            self.rate_bytes_s = copied / max(time.monotonic() - start, 1e-6)
-            region = v.migrated.first_clear(region + 1) if region + 1 < v.migrated.nregions else None
-            if region is None:
-                region = v.migrated.first_clear()
+        return False
 
     def _region_data(self, v: "Volume", region: int) -> tuple[bytes | None, int]:
         offset, length = v.migrated.extent(region)
@@ -615,3 +633,22 @@ class MigrationManager:
                 self.node.source_groups[v.info.group].handover_below = v.info.migration["handover_seq"]
         if sources:
             self.node._spawn(lambda: self._run_source(sources), "rcopy-migrate-source")
+
+
+class _CopyProgress:
+    """Bytes copied by all streams of one background copy, its rate, and the --rate throttle."""
+
+    def __init__(self, limit_bytes_s: float | None) -> None:
+        self.limit = float(limit_bytes_s or 0)
+        self.start = time.monotonic()
+        self.copied = 0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> float:
+        """Count a copied region, sleep if ahead of the limit; return the rate so far."""
+        with self._lock:
+            self.copied += nbytes
+            ahead = self.copied / self.limit - (time.monotonic() - self.start) if self.limit else 0.0
+        if ahead > 0:
+            time.sleep(min(ahead, 5.0))
+        return self.copied / max(time.monotonic() - self.start, 1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +33,7 @@ class RegionMap:
         self.nregions = max(1, -(-size_bytes // region_bytes))
         self.path = path
         self._fd: int | None = None
+        self._write_lock = threading.Lock()  # a bit change and its byte on disk, one at a time
         self.bits = bitarray(self.nregions, endian="little")
         self.bits.setall(False)
         if path is not None:
@@ -94,29 +96,34 @@ class RegionMap:
     def set_range(self, offset: int, length: int) -> bool:
         """Set the bits covering a byte range; True if any bit changed."""
         r = self.regions(offset, length)
-        if self.bits[r.start:r.stop].all():
-            return False
-        self.bits[r.start:r.stop] = True
-        self._write_bytes(r.start // 8, (r.stop - 1) // 8 + 1)
-        return True
+        with self._write_lock:
+            if self.bits[r.start:r.stop].all():
+                return False
+            self.bits[r.start:r.stop] = True
+            self._write_bytes(r.start // 8, (r.stop - 1) // 8 + 1)
+            return True
 
     def set(self, region: int) -> None:
-        if not self.bits[region]:
-            self.bits[region] = True
-            self._write_bytes(region // 8, region // 8 + 1)
+        self._put(region, True)
 
     def clear(self, region: int) -> None:
-        if self.bits[region]:
-            self.bits[region] = False
-            self._write_bytes(region // 8, region // 8 + 1)
+        self._put(region, False)
+
+    def _put(self, region: int, value: bool) -> None:
+        with self._write_lock:
+            if self.bits[region] != value:
+                self.bits[region] = value
+                self._write_bytes(region // 8, region // 8 + 1)
 
     def set_all(self) -> None:
-        self.bits.setall(True)
-        self._write_all()
+        with self._write_lock:
+            self.bits.setall(True)
+            self._write_all()
 
     def clear_all(self) -> None:
-        self.bits.setall(False)
-        self._write_all()
+        with self._write_lock:
+            self.bits.setall(False)
+            self._write_all()
 
     def merge(self, other_bytes: bytes) -> None:
         """OR in a map of the same geometry given as ``to_bytes()``."""
@@ -125,8 +132,9 @@ class RegionMap:
         del other[self.nregions:]
         if len(other) != self.nregions:
             raise IntegrityError("bitmap of a different size")
-        self.bits |= other
-        self._write_all()
+        with self._write_lock:
+            self.bits |= other
+            self._write_all()
 
     def to_bytes(self) -> bytes:
         return self.bits.tobytes()
@@ -150,7 +158,7 @@ class RegionMap:
 
     def _write_bytes(self, start: int, stop: int) -> None:
         if self._fd is not None:
-            os.pwrite(self._fd, self.bits.tobytes()[start:stop], HEADER_BYTES + start)
+            os.pwrite(self._fd, self.bits[start * 8:stop * 8].tobytes(), HEADER_BYTES + start)
 
     def _load(self, path: Path) -> None:
         raw = path.read_bytes()
@@ -167,3 +175,40 @@ class RegionMap:
         self.bits = bitarray(endian="little")
         self.bits.frombytes(body[: (nregions + 7) // 8])
         del self.bits[nregions:]
+
+
+class RegionCursor:
+    """Hands out the clear regions of a map to several copy streams, each to one stream at a time.
+
+    Sweeps forward and wraps around until every bit is set; a stream gives its region
+    back with ``release`` (after setting the bit, or to leave it for a later sweep).
+    """
+
+    def __init__(self, bits: RegionMap) -> None:
+        self.map = bits
+        self._next = 0
+        self._taken: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """The next clear region nobody holds, or None when there is none."""
+        with self._lock:
+            for start in (self._next, 0):
+                region = self._first_free(start)
+                if region is not None:
+                    self._taken.add(region)
+                    self._next = region + 1
+                    return region
+            return None
+
+    def release(self, region: int) -> None:
+        with self._lock:
+            self._taken.discard(region)
+
+    def _first_free(self, start: int) -> int | None:
+        while start < self.map.nregions:
+            region = self.map.first_clear(start)
+            if region is None or region not in self._taken:
+                return region
+            start = region + 1
+        return None

@@ -210,3 +210,11 @@ class ClientPool:
 
     def request(self, endpoint: str, msg: wire.Message, timeout_s: float | None = None) -> wire.Message:
         return self.get(endpoint).request(msg, timeout_s)
+
+    def forget_thread(self) -> None:
+        """Close the calling thread's sockets (call it before a short-lived thread ends)."""
+        me = threading.get_ident()
+        with self._lock:
+            mine = [k for k in self._clients if k[0] == me]
+            for key in mine:
+                self._clients.pop(key).close()
