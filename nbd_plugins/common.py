@@ -2,12 +2,17 @@
 
 Imported into each plugin's module namespace (nbdkit looks callbacks up there).
 """
+import contextlib
 import errno
+import faulthandler
 import logging
+import os
+import signal
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
 API_VERSION = 2
+_stacks = None
 
 
 def fail(exc):
@@ -52,5 +57,19 @@ def can_trim(h):
 
 
 def setup_logging(path, level="INFO"):
+    """Log to ``path``; ``kill -USR1 PID`` appends every thread's Python stack to stacks.log beside it."""
     logging.basicConfig(filename=path, level=getattr(logging, str(level).upper(), logging.INFO),
                         format="%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s")
+    global _stacks
+    _stacks = open(os.path.join(os.path.dirname(path), "stacks.log"), "a")  # kept open for the handler
+    faulthandler.register(signal.SIGUSR1, file=_stacks, all_threads=True)
+
+
+@contextlib.contextmanager
+def logged_start(what):
+    """Log a start-up failure with its traceback before nbdkit sees it (and exits)."""
+    try:
+        yield
+    except BaseException:
+        logging.getLogger("rcopy").exception("%s failed to start", what)
+        raise

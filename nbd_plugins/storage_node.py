@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 from nbd_plugins.common import (API_VERSION, can_fua, can_flush, can_multi_conn,  # noqa: E402,F401
                                 can_trim, can_write, can_zero, default_export, fail,
-                                setup_logging, thread_model)
+                                logged_start, setup_logging, thread_model)
 
 _config: dict = {}
 _node = None
@@ -36,9 +36,10 @@ def after_fork():
     global _node
     from replicator.node import Node
     setup_logging(os.path.join(_config["state"], "node.log"), _config.get("log_level", "INFO"))
-    _node = Node(_config["name"], _config["state"], _config["control"], _config.get("keys"),
-                 _config.get("metrics"))
-    _node.start()
+    with logged_start(f"node {_config['name']}"):
+        _node = Node(_config["name"], _config["state"], _config["control"], _config.get("keys"),
+                     _config.get("metrics"))
+        _node.start()
 
 
 def cleanup():

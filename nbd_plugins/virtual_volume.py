@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 from nbd_plugins.common import (API_VERSION, can_fua, can_flush, can_multi_conn,  # noqa: E402,F401
                                 can_trim, can_write, can_zero, default_export, fail,
-                                setup_logging, thread_model)
+                                logged_start, setup_logging, thread_model)
 
 _config: dict = {}
 _engine = None
@@ -41,10 +41,11 @@ def after_fork():
     from replicator.transport import Server
     from replicator.vvol import VirtualVolumes
     setup_logging(os.path.join(_config["state"], "vvol.log"), _config.get("log_level", "INFO"))
-    _engine = VirtualVolumes(Path(_config["state"]))
-    keys = load_keys(Path(_config["keys"])) if _config.get("keys") else None
-    _server = Server(_config["control"], _engine.handle, keys=keys)
-    _server.start()
+    with logged_start("virtual volume server"):
+        _engine = VirtualVolumes(Path(_config["state"]))
+        keys = load_keys(Path(_config["keys"])) if _config.get("keys") else None
+        _server = Server(_config["control"], _engine.handle, keys=keys)
+        _server.start()
 
 
 def cleanup():

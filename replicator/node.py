@@ -156,7 +156,6 @@ class Node(PrimarySide, SecondarySide):
         from .migration import MigrationManager
         self.migrations = MigrationManager(self)
         self.server = Server(self.control, self.handle, keys=self.keys)
-        self.server.start()
         if self.metrics_address:
             from .metrics import serve
             self._metrics_server = serve(self, self.metrics_address)
@@ -166,6 +165,9 @@ class Node(PrimarySide, SecondarySide):
         for dg in list(self.dest_groups.values()):
             self._start_pull(dg)
         self.migrations.resume_after_restart()
+        # Control requests last: a node that answers ping has finished starting (peers'
+        # requests sent before wait in their ZeroMQ queues, nothing is lost).
+        self.server.start()
         log.info("node %s ready (control %s, incarnation %s)", self.name, self.control, self.incarnation)
 
     def stop(self) -> None:

@@ -131,6 +131,16 @@ def wait_phase(t: Terminal, target: str, phases: tuple[str, ...], timeout_s: flo
     raise AssertionError(f"never reached {phases}")
 
 
+def dump_stacks(lab_dir: Path) -> None:
+    """Have every live daemon write its threads' Python stacks to stacks.log (SIGUSR1)."""
+    for pidfile in lab_dir.glob("*/nbdkit.pid"):
+        pid = process.read_pid(str(pidfile))
+        if process.alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+    time.sleep(0.2)
+
+
 @pytest.fixture
 def matrix_cluster(request, tmp_path):
     """The three nodes and the vvol server; for a WAN cut, each site in its own network
@@ -149,6 +159,7 @@ def matrix_cluster(request, tmp_path):
             t.node_start(name)
         yield t
     finally:
+        dump_stacks(lab_dir)
         for log in lab_dir.glob("*/*.log"):  # kept in tmp_path for a post-mortem; the lab goes
             dest = tmp_path / "logs" / log.parent.name
             dest.mkdir(parents=True, exist_ok=True)
