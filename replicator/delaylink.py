@@ -106,8 +106,9 @@ def forward(fd_a: int, fd_b: int, delay_file: Path) -> None:
     while True:
         now = time.monotonic()
         if now >= next_reload:
+            delay_s = read_delay_ms(delay_file) / 1000
             for line in lines.values():
-                line.delay_s = read_delay_ms(delay_file) / 1000
+                line.delay_s = delay_s
             next_reload = now + RELOAD_EVERY_S
         dues = [d for d in (line.next_due() for line in lines.values()) if d is not None]
         wait_s = min([next_reload - now, *(d - now for d in dues)])

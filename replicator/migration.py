@@ -422,11 +422,8 @@ class MigrationManager:
     def _background_copy(self, v: "Volume", target: PeerVolume) -> None:
         """S912-S915: push every unmigrated region to V2, COPY_STREAMS regions in flight."""
         cursor, progress = RegionCursor(v.migrated), _CopyProgress(v.info.migration.get("rate_limit_bytes_s"))
-        streams = [threading.Thread(target=self.node._guard(lambda: self._copy_stream(v, target, cursor, progress),
-                                                             "rcopy-migrate-copy"), daemon=True)
+        streams = [self.node._spawn(lambda: self._copy_stream(v, target, cursor, progress), "rcopy-migrate-copy")
                    for _ in range(COPY_STREAMS)]
-        for t in streams:
-            t.start()
         for t in streams:
             t.join()
 

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 from . import process
 from .cluster import load
 from .errors import NotFound, RcopyError, StateError, UsageError
+from .mgmt import atomic_write
 
 RECORD = "netlab.json"
 LOCK = Path("/run/rcopy-netlab.lock")
@@ -298,9 +299,7 @@ def delay(lab_dir: Path, delay_ms: float) -> dict[str, Any]:
     if not process.alive(process.read_pid(str(Path(lab_dir) / DELAY_PID))):
         raise StateError(f"the WAN delay line of lab {net.id} is not running "
                          f"(see {Path(lab_dir) / DELAY_LOG}); run rcopy lab down")
-    tmp = Path(lab_dir) / f"{DELAY_FILE}.tmp"
-    tmp.write_text(f"{delay_ms:g}\n")
-    os.replace(tmp, Path(lab_dir) / DELAY_FILE)
+    atomic_write(Path(lab_dir) / DELAY_FILE, f"{delay_ms:g}\n".encode())
     net.delay_ms = delay_ms
     _save(lab_dir, net)
     return wan_status(lab_dir)
