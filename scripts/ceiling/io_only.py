@@ -1,0 +1,84 @@
+"""The least an nbdkit Python plugin can do, for scripts/bench's ceiling rows: no rcopy code.
+
+With ``file=IMAGE`` it serves the file with os.pwrite/os.pread; with ``uri=NBD-URI`` it
+passes each request on with libnbd (one handle per nbdkit thread). Chaining a ``uri=``
+instance in front of a ``file=`` one gives the shape of rcopy's host path (virtual
+volume -> storage node): what two embedded-Python hops cost here before any replication.
+
+    nbdkit --unix SOCK python scripts/ceiling/io_only.py file=IMAGE
+    nbdkit --unix SOCK2 python scripts/ceiling/io_only.py uri=nbd+unix:///?socket=SOCK
+"""
+import os
+import threading
+
+import nbdkit
+
+API_VERSION = 2
+_config: dict = {}
+_fd = -1
+_handles: dict = {}  # per OS thread: a threading.local does not survive between nbdkit callbacks
+
+
+def config(key, value):
+    if key not in ("file", "uri"):
+        raise RuntimeError(f"unknown parameter {key!r} (expected file=IMAGE or uri=NBD-URI)")
+    _config[key] = value
+
+
+def config_complete():
+    if len(_config) != 1:
+        raise RuntimeError("give exactly one of file=IMAGE or uri=NBD-URI")
+
+
+def after_fork():
+    global _fd
+    if "file" in _config:
+        _fd = os.open(_config["file"], os.O_RDWR)
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def _target():
+    h = _handles.get(threading.get_ident())
+    if h is None:
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri(_config["uri"])
+        _handles[threading.get_ident()] = h
+    return h
+
+
+def open(readonly):
+    return 1
+
+
+def get_size(h):
+    return os.path.getsize(_config["file"]) if _fd >= 0 else _target().get_size()
+
+
+def can_multi_conn(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def pread(h, buf, offset, flags):
+    buf[:] = os.pread(_fd, len(buf), offset) if _fd >= 0 else _target().pread(len(buf), offset)
+
+
+def pwrite(h, buf, offset, flags):
+    if _fd >= 0:
+        os.pwrite(_fd, buf, offset)
+    else:
+        _target().pwrite(buf, offset)
+
+
+def flush(h, flags):
+    if _fd >= 0:
+        os.fsync(_fd)
+    else:
+        _target().flush()
