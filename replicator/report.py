@@ -48,9 +48,10 @@ def plot(timeline: dict[str, Any], png: Path, width_in: float = 11.0) -> Path:
             ax.axvspan(start, max(end, start + 0.05), color=PHASE_COLOURS.get(phase, "#f0f0f0"), zorder=0)
         for name, at in timeline.get("events", {}).items():
             ax.axvline(at, color="black", linewidth=0.8, linestyle=":")
-    for phase, start, end in spans:
-        ax_iops.annotate(phase, xy=((start + end) / 2, 1.0), xycoords=("data", "axes fraction"),
-                         ha="center", va="bottom", fontsize=9)
+    for i, (phase, start, end) in enumerate(spans):  # every other label inside, so short phases stay legible
+        ax_iops.annotate(phase, xy=((start + end) / 2, 1.0 if i % 2 == 0 else 0.97),
+                         xycoords=("data", "axes fraction"), ha="center",
+                         va="bottom" if i % 2 == 0 else "top", fontsize=9)
     for name, at in timeline.get("events", {}).items():
         ax_frac.annotate(name, xy=(at, 0.5), xycoords=("data", "axes fraction"), rotation=90,
                          ha="right", va="center", fontsize=8)
