@@ -52,14 +52,16 @@ class NodeCollector(Collector):
         seq = GaugeMetricFamily("rcopy_sequence", "Sequence numbers of a consistency group",
                                 labels=["node", "group", "pointer"])
         used = GaugeMetricFamily("rcopy_journal_used_bytes", "Journal bytes in use", labels=["node", "group"])
+        capacity = GaugeMetricFamily("rcopy_journal_capacity_bytes", "Journal size", labels=["node", "group"])
         for g in st["groups"]:
             for ptr in ("counter", "stored", "transferred", "applied", "discarded"):
                 if ptr in g:
                     seq.add_metric([n, g["group"], ptr], g[ptr])
             if "journal_used_bytes" in g:
                 used.add_metric([n, g["group"]], g["journal_used_bytes"])
-        yield seq
-        yield used
+            if "journal_capacity_bytes" in g:
+                capacity.add_metric([n, g["group"]], g["journal_capacity_bytes"])
+        yield from (seq, used, capacity)
 
         frac = GaugeMetricFamily("rcopy_migration_migrated_fraction", "Fraction of regions migrated",
                                  labels=["source", "target"])

@@ -26,5 +26,6 @@ def test_metrics_endpoint_scraped(started):
     assert 'rcopy_pair_state{primary="site-a1:v1",state="duplex"} 1.0' in text
     assert 'rcopy_pair_lag_writes{primary="site-a1:v1",secondary="site-b:v3"} 0.0' in text
     assert 'rcopy_sequence{group="g0",node="site-a1",pointer="stored"} 10.0' in text
+    assert 'rcopy_journal_capacity_bytes{group="g0",node="site-a1"} 2.68435456e+08' in text
     sec = scrape(t.cluster.node("site-b").metrics)
     assert 'rcopy_sequence{group="g0",node="site-b",pointer="applied"} 10.0' in sec
