@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cluster import find_cluster_file, parse_size
+from .cluster import find_cluster_file, load, parse_size
 from .errors import RcopyError, UsageError
+from . import prometheus
+from .prometheus import AlertTargets
 from .terminal import Terminal
 
 
@@ -197,6 +199,29 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitoring(args: argparse.Namespace) -> int:
+    if args.action == "rules":
+        text = prometheus.rules(AlertTargets(
+            job=args.job, rpo_seconds=args.rpo, rpo_for=args.rpo_for, not_duplex_for=args.not_duplex_for,
+            journal_high_water=args.journal_high_water, journal_for=args.journal_for, phase_for=args.phase_for,
+            progress_window=args.progress_window, node_down_for=args.node_down_for))
+    elif args.action == "scrape-config":
+        text = prometheus.scrape_config(load(find_cluster_file(args.cluster)), job=args.job,
+                                        interval=args.interval, rule_files=args.rules)
+    else:
+        from . import dashboard
+        text = dashboard.render()
+    if args.out:
+        try:
+            Path(args.out).write_text(text)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.out}: {exc}") from None
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from . import keys
     directory = Path(args.dir)
@@ -358,6 +383,31 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--ms", type=float, required=True, help="one-way latency in milliseconds, e.g. 20")
         a.add_argument("--dir", default="rcopy-lab", help="the lab's directory (default ./rcopy-lab)")
         a.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = command("monitoring", cmd_monitoring, "Prometheus alert rules and scrape config, a Grafana dashboard")
+    msub = sp.add_subparsers(dest="action", required=True)
+    defaults = AlertTargets()
+    r = msub.add_parser("rules", help="the alert rules (YAML) for your targets")
+    r.add_argument("--rpo", type=float, default=defaults.rpo_seconds, metavar="SECONDS",
+                   help="RcopyRpoAboveTarget: replication lag above this (default %(default)g)")
+    for name, text in (("rpo_for", "RcopyRpoAboveTarget: lag above the RPO this long"),
+                       ("not_duplex_for", "RcopyPairNotDuplex: a pair copying or suspended this long"),
+                       ("journal_for", "RcopyJournalHighWater: journal above the mark this long"),
+                       ("phase_for", "RcopyMigrationPhaseStuck: a migration in one phase this long ..."),
+                       ("progress_window", "... with no background-copy progress in this window"),
+                       ("node_down_for", "RcopyNodeDown: a node's scrape failing this long")):
+        r.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name), metavar="DURATION",
+                       help=f"{text} (default %(default)s)")
+    r.add_argument("--journal-high-water", type=float, default=defaults.journal_high_water, metavar="FRACTION",
+                   help="RcopyJournalHighWater: journal use above this fraction (default %(default)g)")
+    c = msub.add_parser("scrape-config", help="a prometheus.yml scraping every node of the cluster file")
+    c.add_argument("--interval", default="15s", help="scrape and evaluation interval (default %(default)s)")
+    c.add_argument("--rules", action="append", metavar="FILE", help="a rule file to load (repeatable)")
+    for a in (r, c):
+        a.add_argument("--job", default=defaults.job, help="the scrape job of the rcopy nodes (default %(default)s)")
+    msub.add_parser("dashboard", help="the Grafana dashboard (JSON, import it in Grafana)")
+    for a in msub.choices.values():
+        a.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
 
     sp = command("keys", cmd_keys, "generate the cluster's CURVE keys (and an NBD TLS PSK) into a directory")
     sp.add_argument("dir", metavar="DIR", help="e.g. /var/lib/rcopy/keys (existing keys are kept)")
