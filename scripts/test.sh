@@ -4,11 +4,21 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/setup.sh"
-# Tests only: vagrant, so tests/integration/test_vagrant.py can run `vagrant validate`.
+# Tests only: vagrant and vagrant-libvirt (tests/integration/test_vagrant.py runs `vagrant validate`),
+# Debian's prometheus package for promtool (test_alerts.py), tmux (test_watch.py).
+want=()
 if ! command -v vagrant >/dev/null || ! dpkg-query -W -f='${Status}' vagrant-libvirt 2>/dev/null | grep -q "ok installed"; then
-  echo "rcopy test: installing vagrant and vagrant-libvirt (for vagrant validate)"
+  want+=(vagrant vagrant-libvirt)
+fi
+command -v promtool >/dev/null || want+=(prometheus)
+command -v tmux >/dev/null || want+=(tmux)
+if [ ${#want[@]} -gt 0 ]; then
+  echo "rcopy test: installing ${want[*]} (test tools)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends vagrant vagrant-libvirt >/dev/null
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+  if [[ " ${want[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true  # the tests need promtool, not a server
+  fi
 fi
 cd "$here"
 exec "$here/.venv/bin/python" -m pytest -p no:cacheprovider -q -rfE --timeout=600 "${@:-tests}"
