@@ -92,6 +92,14 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        from . import watch
+        if args.json:
+            raise UsageError("--watch draws a live screen; for JSON use rcopy status --json (once)")
+        if not 0.2 <= args.interval <= 3600:
+            raise UsageError(f"--interval {args.interval:g}: give 0.2 to 3600 seconds")
+        term = _terminal(args)
+        return watch.run(term.status, str(term.cluster.path), args.interval)
     st = _terminal(args).status()
     if args.json:
         _emit(args, st)
@@ -347,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("remove", cmd_remove, "unregister an old node after its primaries were migrated away")
     sp.add_argument("node")
 
-    command("status", cmd_status, "nodes, volumes, pairs, migrations")
+    sp = command("status", cmd_status, "nodes, volumes, pairs, migrations")
+    sp.add_argument("--watch", action="store_true",
+                    help="a live view (pairs, lag, journals, migrations) redrawn until Ctrl-C")
+    sp.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                    help="with --watch: seconds between refreshes (default %(default)g)")
 
     sp = command("verify", cmd_verify, "wait for replication to drain, then compare two volumes")
     sp.add_argument("a", metavar="VOLUME")
