@@ -16,6 +16,7 @@ from .errors import RcopyError, StateError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = REPO_ROOT / "nbd_plugins"
+PIDFILE_WAIT_S = 10.0
 
 
 def python_path() -> str:
@@ -55,9 +56,13 @@ def start_nbdkit(plugin: str, params: dict[str, str], *, socket: str, pidfile: s
     if proc.returncode != 0:
         raise RcopyError(f"nbdkit {plugin} failed to start (exit {proc.returncode}); see {logfile}: "
                          + tail(logfile))
-    pid = read_pid(pidfile)
+    # nbdkit's parent exits right after forking and the child writes the pidfile after it,
+    # so on a busy machine the file can appear a moment after the command returned
+    deadline = time.monotonic() + PIDFILE_WAIT_S
+    while (pid := read_pid(pidfile)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     if pid is None:
-        raise RcopyError(f"nbdkit {plugin} wrote no pidfile {pidfile}; see {logfile}")
+        raise RcopyError(f"nbdkit {plugin} wrote no pidfile {pidfile} in {PIDFILE_WAIT_S:g} s; see {logfile}")
     return pid
 
 
