@@ -1,0 +1,34 @@
+"""Every limit and interval of the core, in one place (TigerBeetle style: a limit on everything)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    region_bytes: int = MiB                 # diff / migrated / activity bitmaps: one bit per region
+    sync_timeout_s: float = 5.0             # a sync write waits this long for the secondary, then suspends
+    copy_wait_s: float = 20.0               # an async region copy waits this long at the secondary for the apply
+    peer_timeout_s: float = 30.0            # relays, fetches, migration requests
+    control_timeout_s: float = 10.0         # small control requests between nodes
+    heartbeat_s: float = 0.5                # push heartbeat; also the idle poll of background loops
+    link_retry_s: float = 0.2               # after a failed push or pull
+    push_batch_bytes: int = 4 * MiB         # journal data per push or pull message
+    push_batch_entries: int = 1024
+    discard_every_s: float = 0.05           # under load, free applied journal space this often
+    journal_bytes_default: int = 256 * MiB
+    reorder_bytes_max: int = 256 * MiB      # the secondary's buffer of entries waiting for a gap
+    apply_batch_bytes: int = 8 * MiB        # entries applied per durable batch at the secondary
+    pending_hold_max_s: float = 120.0       # a host request waits at most this long in PENDING
+    handover_timeout_s: float = 30.0        # V2 gives up the handover after this and goes back to THROUGH
+    valid_quick_s: float = 3.0              # S807 waits this long for V3 before V2 goes on
+    copy_streams: int = 3                   # regions of the background copy in flight at once
+    resume_check_s: float = 1.0             # how often suspended pairs try to resume by themselves
+    activity_retire_s: float = 1.0          # idle activity-log regions are cleared this often
+    lag_samples_max: int = 4096             # (seq, time) samples kept for lag in seconds
+    lag_sample_every_s: float = 0.01
+    restart_backoff_s: float = 0.2          # a failed background task is restarted after this (doubling)
+    restart_backoff_max_s: float = 5.0
+    poll_s: float = 0.2                     # polling a peer for a migration report (S815, S820)

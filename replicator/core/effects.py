@@ -1,0 +1,215 @@
+"""What the core asks its driver to do: storage I/O, messages, timers, host completions.
+
+Every effect is a small record. Those a task yields (``Effect`` with an ``op`` id)
+are completed by the driver with ``NodeCore.completed(op, result)``; the others
+(``Reply``, ``HostDone``, ``Log``) need no answer. Effects yielded by one task
+run one after the other; effects of different tasks may run concurrently, which
+the core only allows where it is safe (region locks, one journal append at a time).
+
+A driver may batch what it executes (one pwritev for a journal append of many
+entries, one fdatasync for several VolSync of one volume): every effect says what
+must be true when it completes, never how.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..wire import Message
+
+
+@dataclass(slots=True, eq=False)
+class Effect:
+    """An effect a task waits for; ``op`` is set by the runtime."""
+
+    op: int = field(default=0, init=False)
+
+
+# ---------------------------------------------------------------------- volumes
+@dataclass(slots=True, eq=False)
+class VolRead(Effect):
+    """Read bytes; with ``sparse``, None if the range holds no data (reads as zeros)."""
+
+    volume: str
+    offset: int
+    length: int
+    sparse: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class VolWrite(Effect):
+    """Write bytes (page cache: survives a process kill, not a power loss until VolSync)."""
+
+    volume: str
+    offset: int
+    data: bytes | memoryview
+
+
+@dataclass(slots=True, eq=False)
+class VolZero(Effect):
+    """Make a range read as zeros (punch a hole)."""
+
+    volume: str
+    offset: int
+    length: int
+
+
+@dataclass(slots=True, eq=False)
+class VolSync(Effect):
+    """Make every completed write of a volume durable (fdatasync)."""
+
+    volume: str
+
+
+@dataclass(slots=True, eq=False)
+class VolHash(Effect):
+    """Per-chunk digests of a volume ("0" for a chunk of zeros)."""
+
+    volume: str
+    chunk: int
+
+
+@dataclass(slots=True, eq=False)
+class VolCreate(Effect):
+    volume: str
+    size: int
+
+
+@dataclass(slots=True, eq=False)
+class VolDelete(Effect):
+    volume: str
+
+
+# ---------------------------------------------------------------------- bitmaps
+@dataclass(slots=True, eq=False)
+class BitmapPut(Effect):
+    """Write ``data`` (bytes of the bit array) at byte ``first`` of a bitmap file."""
+
+    volume: str
+    kind: str          # diff / migrated / activity
+    first: int
+    data: bytes
+
+
+@dataclass(slots=True, eq=False)
+class BitmapSync(Effect):
+    volume: str
+    kind: str
+
+
+# ---------------------------------------------------------------------- journal
+@dataclass(slots=True)
+class JEntry:
+    """One journal entry: a host write with its sequence number."""
+
+    seq: int
+    volume: str
+    offset: int
+    data: bytes | memoryview
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+
+@dataclass(slots=True, eq=False)
+class JournalCreate(Effect):
+    """Create an empty journal whose first entry will be ``counter``."""
+
+    group: str
+    capacity_bytes: int
+    counter: int = 1
+    head: int | None = None     # continue another journal's byte positions (handover)
+
+
+@dataclass(slots=True, eq=False)
+class JournalAppend(Effect):
+    """Append entries, in order, after the last one stored."""
+
+    group: str
+    entries: list[JEntry]
+
+
+@dataclass(slots=True, eq=False)
+class JournalSync(Effect):
+    group: str
+
+
+@dataclass(slots=True, eq=False)
+class JournalRead(Effect):
+    """Entries ``first``..``last`` with their data (a list of JEntry)."""
+
+    group: str
+    first: int
+    last: int
+
+
+@dataclass(slots=True, eq=False)
+class JournalDiscard(Effect):
+    """Free entries up to ``through`` durably; with ``counter``, also continue numbering there."""
+
+    group: str
+    through: int
+    counter: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class JournalDelete(Effect):
+    group: str
+
+
+# ---------------------------------------------------------------------- management information
+@dataclass(slots=True, eq=False)
+class SaveMgmt(Effect):
+    """Replace the node's management information atomically and durably."""
+
+    record: dict[str, Any]
+
+
+@dataclass(slots=True, eq=False)
+class SaveApplied(Effect):
+    """Durably record a secondary group's applied pointer and the apply in progress."""
+
+    group: str
+    applied: int
+    applying: int
+
+
+# ---------------------------------------------------------------------- network and time
+@dataclass(slots=True, eq=False)
+class Call(Effect):
+    """A request to another node; completes with its reply or an RcopyError."""
+
+    node: str
+    endpoint: str
+    msg: Message
+    timeout_s: float
+
+
+@dataclass(slots=True, eq=False)
+class SetTimer(Effect):
+    at: float
+
+
+# ---------------------------------------------------------------------- no answer needed
+@dataclass(slots=True, eq=False)
+class Reply:
+    """The reply to an incoming request ``req``."""
+
+    req: Any
+    msg: Message
+
+
+@dataclass(slots=True, eq=False)
+class HostDone:
+    """A host request finished: ``data`` for a read, or ``error`` (an RcopyError)."""
+
+    req: Any
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Log:
+    level: str
+    text: str

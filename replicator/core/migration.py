@@ -1,0 +1,843 @@
+"""Live migration of a primary V1 (node 2_1) to V2 (node 2_2) while V3 keeps receiving (SPEC 4).
+
+Read the phase table first: ``tables.PHASES`` says, per phase, what V2 does with
+host I/O, what V1 does and what V3 accepts. This module carries it out:
+
+* **target** (V2, program 203, Fig. 8): ``target_procedure`` walks THROUGH ->
+  PENDING -> (TRANSITIONAL) -> MIGRATING -> DONE. **What V2 does while PENDING**:
+  ``admit`` holds every host request in arrival order (they are woken, in order,
+  when the phase changes); the procedure waits for relays already sent, then asks
+  V1 for the handover, retrying until ``handover_timeout_s``. If V1 never answers,
+  V2 goes back to THROUGH (nothing was taken over), asks V1 to thaw, and the
+  migration is ``failed``: ``rcopy migrate --resume`` tries again, ``--abort`` gives up.
+* **source** (V1, program 204, Fig. 9): ``_h_handover`` freezes V1 (no new host
+  update), waits for in-flight I/O and for the journal, and hands over pair state,
+  diff bitmap, the counter N0 and the journal's byte position; ``source_procedure``
+  drains the backlog below N0 to V3, then copies every unmigrated region to V2.
+* **secondary** (V3): copy_source_valid 1 -> transitional -> 2 (async) or 1 -> 2 (sync).
+
+Every phase is in the management information (``TargetMigration``,
+``SourceMigration``), so a restarted node continues where it stopped.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Generator
+
+from .. import wire
+from ..errors import NodeUnreachable, ProtocolError, RcopyError, StateError, UsageError
+from . import tables as T
+from .effects import VolRead, VolWrite, VolZero
+from .model import Member, PeerVolume, SourceMigration, TargetMigration
+from .runtime import Sleep, Wait
+
+if TYPE_CHECKING:
+    from .node import BootState, NodeCore
+    from .volume import Volume
+
+
+class Migrations:
+    """Programs 203 (target) and 204 (source) of one node, and V3's part."""
+
+    def __init__(self, core: "NodeCore") -> None:
+        self.core = core
+        self.relays: dict[str, int] = {}         # V2 volume -> relays in flight (THROUGH)
+        self.rate_bytes_s = 0.0
+        self.waiting_for: dict[str, str] = {}    # migration id -> what it waits for
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "mig.prepare_target": self._h_prepare_target, "mig.prepare_source": self._h_prepare_source,
+            "mig.add_source": self._h_add_source, "mig.start": self._h_start,
+            "mig.handover": self._h_handover, "mig.thaw": self._h_thaw, "mig.confirm": self._h_confirm,
+            "mig.set_valid": self._h_set_valid, "mig.source_status": self._h_source_status,
+            "mig.fetch": self._h_fetch, "mig.region": self._h_region, "mig.dual_write": self._h_dual_write,
+            "mig.remove_source": self._h_remove_source, "mig.clear_target": self._h_clear_target,
+            "mig.unregister_source": self._h_unregister_source, "mig.abort_target": self._h_abort_target,
+            "mig.abort_source": self._h_abort_source, "mig.drop_source": self._h_drop_source,
+        }
+
+    # ================================================================== queries
+    def target_of(self, vol: "Volume") -> TargetMigration | None:
+        m = self.core.migrations.get(vol.info.migration)
+        return m if isinstance(m, TargetMigration) else None
+
+    def source_of(self, vol: "Volume") -> SourceMigration | None:
+        m = self.core.migrations.get(vol.info.migration)
+        return m if isinstance(m, SourceMigration) else None
+
+    def frozen(self, vol: "Volume") -> bool:
+        """V1 past its handover snapshot: no new host update (invariant 8)."""
+        sm = self.source_of(vol)
+        return sm is not None and sm.stage != T.PREPARED
+
+    def valid_of(self, vol: "Volume") -> str:
+        return T.SOURCE_1
+
+    def _vols(self, tm: TargetMigration) -> list["Volume"]:
+        return [self.core.volume(m.target) for m in tm.members]
+
+    def check_bitmaps(self, st: "BootState") -> bool:
+        """A damaged migrated bitmap on V2 cannot be rebuilt safely (all-clear would let V1's copy
+        overwrite host data, all-set would skip V1's data): the migration stops, failed."""
+        changed = False
+        for v in self.core.volumes.values():
+            if st.bitmaps.get((v.name, "migrated"), b"") is not None:
+                continue
+            tm = self.target_of(v)
+            if tm is not None and tm.phase in (T.TRANSITIONAL, T.MIGRATING) and tm.state == T.RUNNING:
+                T.go(T.RUN_STATE, tm, T.FAILED)
+                tm.error = (f"migrated bitmap of {v.name} is damaged; V2 cannot tell which regions it holds. "
+                            f"Host I/O to it fails; restore the bitmap file or copy the volume back")
+                changed = True
+            elif self.source_of(v) is not None:   # V1's bits only say what V2 confirmed: re-pushing is safe
+                v.maps["migrated"].note(v.migrated.clear_all())
+                changed = True
+        return changed
+
+    # ================================================================== host I/O on V2 (Fig. 10)
+    def admit(self, vol: "Volume", write: bool) -> Generator[Any, Any, str]:
+        """Dispatch on rw_mode (S1101-S1110): the check and the count are one step, so a PENDING
+        drain or a handover never misses a request."""
+        rt, cfg = self.core.rt, self.core.cfg
+        held_since = rt.now
+        while True:
+            if self.frozen(vol):
+                dest = vol.info.migration_dest_info
+                raise StateError(f"{self.core.name}:{vol.name} has handed over to "
+                                 f"{dest.label if dest else 'its new primary'}; use that volume")
+            tm = self.target_of(vol)
+            if tm is not None and tm.state == T.FAILED and tm.phase in (T.TRANSITIONAL, T.MIGRATING):
+                raise StateError(f"migration to {self.core.name}:{vol.name} failed: {tm.error}")
+            mode = vol.info.rw_mode
+            if mode != T.PENDING:
+                break
+            waited = rt.now - held_since
+            if waited >= cfg.pending_hold_max_s:
+                raise StateError(f"{vol.name}: request held {waited * 1000:.0f} ms in pending mode; giving up")
+            yield Wait(("mode", vol.name), timeout_s=cfg.pending_hold_max_s - waited)
+        if rt.now > held_since and tm is not None:
+            tm.held_ms_max = max(tm.held_ms_max, (rt.now - held_since) * 1000)
+        if mode == T.THROUGH:
+            self.relays[vol.name] = self.relays.get(vol.name, 0) + 1
+        else:
+            vol.inflight += 1
+        return mode
+
+    def done(self, vol: "Volume") -> None:
+        vol.inflight -= 1
+        if vol.inflight == 0:
+            self.core.rt.notify(("idle", vol.name))
+
+    def relay(self, vol: "Volume", kind: str, payloads: list[Any] | None = None,
+              **fields: Any) -> Generator[Any, Any, wire.Message]:
+        """S1104-S1108: THROUGH mode sends the request to V1, which does all the work."""
+        src = vol.info.migration_source_info
+        try:
+            assert src is not None
+            reply = yield from self.core.call(src.node, src.control, kind, dict(fields, volume=src.volume),
+                                              payloads, timeout_s=self.core.cfg.peer_timeout_s)
+            return reply
+        finally:
+            self.relays[vol.name] -= 1
+            self.core.rt.notify(("relays", vol.name))
+
+    def ensure_migrated(self, vol: "Volume", offset: int, length: int) -> Generator[Any, Any, None]:
+        """S1111-S1114 (and S1504-S1507): fetch the unmigrated regions a request touches from V1
+        first. The caller holds the regions' locks."""
+        for region in vol.migrated.regions(offset, length):
+            if not vol.migrated.is_set(region):
+                yield from self._fetch(vol, region)
+
+    def _fetch(self, vol: "Volume", region: int) -> Generator[Any, Any, None]:
+        src = vol.info.migration_source_info
+        assert src is not None
+        reply = yield from self.core.call(src.node, src.control, "mig.fetch",
+                                          {"volume": src.volume, "region": region},
+                                          timeout_s=self.core.cfg.peer_timeout_s)
+        offset, length = vol.migrated.extent(region)
+        if reply.get("zero"):
+            yield VolZero(vol.name, offset, length)
+        elif reply.payloads and len(reply.payloads[0]) == length:
+            yield VolWrite(vol.name, offset, reply.payloads[0])
+        else:
+            raise ProtocolError("mig.fetch: data does not match the region")
+        vol.syncer.wrote()
+        yield from vol.syncer.sync()                                          # the data durable first,
+        yield from vol.maps["migrated"].update(vol.migrated.set(region), sync=True)   # then its bit (S1114)
+
+    def dual_write(self, vol: "Volume", offset: int, data: Any) -> Generator[Any, Any, None]:
+        """[OPTION] dual write: V1 gets every write too, in the same order (under the region lock),
+        never remote-copied from V1. If V1 fails one, the loss of the fallback is recorded."""
+        tm = self.target_of(vol)
+        if tm is None or not tm.dual_write or tm.dual_write_lost or vol.info.rw_mode != T.MIGRATING:
+            return
+        src = vol.info.migration_source_info
+        assert src is not None
+        try:
+            yield from self.core.call(src.node, src.control, "mig.dual_write",
+                                      {"volume": src.volume, "offset": offset}, [bytes(data)],
+                                      timeout_s=self.core.cfg.sync_timeout_s)
+        except RcopyError as exc:
+            tm.dual_write_lost = f"V1 missed a write at {vol.name} offset {offset}: {exc}"
+            self.core.log("warning", f"dual write: {tm.dual_write_lost}; V1 is no longer a complete fallback")
+            yield from self.core.save()
+
+    # ================================================================== terminal-facing (S603, S604, S701, S705)
+    def _h_prepare_target(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """S603 (1),(3) + S701 on 2_2: register V1 and V3 for V2 and enter THROUGH mode."""
+        core = self.core
+        members = [Member.of(m) for m in msg["members"]]
+        mid = str(msg.get("id") or f"{members[0].source.label}->{core.name}:{members[0].target}")
+        if not members:
+            raise UsageError("a migration needs at least one volume")
+        vols = []
+        for m, raw in zip(members, msg["members"]):
+            vol = core.volume(m.target)
+            info = vol.info
+            if info.remote_copy_flag != "off" or info.rw_mode != T.NORMAL or info.migration:
+                raise StateError(f"target {core.name}:{vol.name} is in use ({info.role}, {info.rw_mode})")
+            if info.size != raw["size"]:
+                raise UsageError(f"target {core.name}:{vol.name} has {info.size} bytes, "
+                                 f"the source has {raw['size']}; sizes must match")
+            if vol.inflight:
+                raise StateError(f"target {core.name}:{vol.name} has I/O in flight; is a host using it?")
+            vols.append(vol)
+        tm = TargetMigration(mid, members, group=str(msg.get("group", "")),
+                             dual_write=bool(msg.get("dual_write")), started=core.rt.now)
+        core.migrations[mid] = tm
+        for vol, m in zip(vols, members):
+            vol.info.migration = mid
+            vol.info.migration_source_info = m.source
+            vol.info.copy_dest_info = m.secondary
+            T.go(T.RW_MODE, vol.info, T.THROUGH)                     # S701
+            self.relays[vol.name] = 0
+        yield from core.save()
+        return wire.ok(id=mid)
+
+    def _h_prepare_source(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """S603 (2): V1.migration_dest_info = V2."""
+        core = self.core
+        vol = core.volume(msg["volume"])
+        if vol.info.remote_copy_flag != "source":
+            raise StateError(f"{core.name}:{vol.name} is not a remote-copy primary")
+        if vol.info.rw_mode != T.NORMAL:
+            raise StateError(f"{core.name}:{vol.name} is itself the target of a migration")
+        mid = str(msg.get("id") or f"{core.name}:{vol.name}")
+        target = PeerVolume.of(msg["target"])
+        sm = core.migrations.get(mid)
+        if vol.info.migration and vol.info.migration != mid:
+            raise StateError(f"{core.name}:{vol.name} is already in migration {vol.info.migration}")
+        if sm is None:
+            sm = SourceMigration(mid, [], {}, rate_limit_bytes_s=int(msg.get("rate_limit_bytes_s") or 0))
+            core.migrations[mid] = sm
+        elif not isinstance(sm, SourceMigration) or sm.stage != T.PREPARED:
+            raise StateError(f"migration {mid} has already started")
+        if vol.name not in sm.volumes:
+            sm.volumes.append(vol.name)
+        sm.target[vol.name] = target
+        vol.info.migration = mid
+        vol.info.migration_dest_info = target
+        yield from core.save()
+        return wire.ok()
+
+    def _h_add_source(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """S604 on 2_3: add V2 as copy-source entry 2 of V3."""
+        vol = self.core.volume(msg["volume"])
+        src = PeerVolume.of(msg["source"])
+        if vol.info.remote_copy_flag != "dest":
+            raise StateError(f"{self.core.name}:{vol.name} is not a secondary")
+        if all(p.node != src.node or p.volume != src.volume for p in vol.info.copy_source_info):
+            if len(vol.info.copy_source_info) >= 2:
+                raise StateError(f"{self.core.name}:{vol.name} already has two copy sources; finish the "
+                                 f"earlier migration with rcopy remove first")
+            vol.info.copy_source_info.append(src)
+        yield from self.core.save()
+        return wire.ok(index=len(vol.info.copy_source_info))
+
+    def _h_start(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """S705: start (or, after a failure, restart) program 203 on 2_2; the terminal polls status."""
+        tms = [m for m in self.core.migrations.values() if isinstance(m, TargetMigration)
+               and (not msg.get("id") or m.id == msg.get("id"))]
+        tm = next((m for m in tms if m.state in (T.RUNNING, T.FAILED)), None)
+        if tm is None:
+            raise StateError(f"{self.core.name} has no volume prepared for migration")
+        if tm.state == T.FAILED:
+            if tm.phase not in (T.THROUGH,):
+                raise StateError(f"migration {tm.id} failed past its handover: {tm.error}")
+            T.go(T.RUN_STATE, tm, T.RUNNING)
+            tm.error = ""
+            yield from self.core.save()
+        elif tm.phase != T.THROUGH:
+            raise StateError("migration already started")
+        self._spawn_target(tm, start=True)
+        return wire.ok(id=tm.id)
+
+    def start(self) -> None:
+        """After a restart: continue whatever this node was doing in a migration."""
+        for m in list(self.core.migrations.values()):
+            if isinstance(m, TargetMigration) and m.state == T.RUNNING and m.phase != T.THROUGH:
+                self._spawn_target(m, start=False)
+            elif isinstance(m, TargetMigration) and m.state == T.FAILED and m.phase == T.THROUGH:
+                self.core.service(f"thaw-{m.id}", lambda m=m: self._thaw_source(m))
+            elif isinstance(m, SourceMigration):
+                for name in m.volumes:
+                    v = self.core.volumes.get(name)
+                    if v is not None and v.info.mode == "async" and m.stage != T.PREPARED:
+                        g = self.core.primary.groups.get(v.info.group)
+                        if g is not None:
+                            g.handover_below = m.handover_seq
+                if m.stage in (T.HANDED_OVER, T.DRAINED):
+                    self._spawn_source(m)
+
+    def _spawn_target(self, tm: TargetMigration, start: bool) -> None:
+        self.core.service(f"migrate-{tm.id}", lambda: self.target_procedure(tm, start))
+
+    # ================================================================== program 203 on 2_2 (Fig. 8)
+    def _set_phase(self, tm: TargetMigration, phase: str) -> Generator[Any, Any, None]:
+        """Move the migration and its volumes' rw_mode along their tables, durably, then wake
+        the host requests waiting for the mode to change."""
+        row = T.PHASE_ROWS.get(phase)
+        T.go(T.PHASE, tm, phase)
+        for v in self._vols(tm):
+            if row is not None:
+                T.go(T.RW_MODE, v.info, row.rw_mode)
+        yield from self.core.save()
+        for v in self._vols(tm):
+            self.core.rt.notify(("mode", v.name))
+        self.core.log("info", f"migration {tm.id}: {phase}")
+
+    def target_procedure(self, tm: TargetMigration, start: bool) -> Generator[Any, Any, None]:
+        core, cfg = self.core, self.core.cfg
+        vols = self._vols(tm)
+        if tm.phase == T.THROUGH and start:
+            for v in vols:                                            # S801
+                yield from v.maps["migrated"].update(v.migrated.clear_all(), sync=True)
+            yield from self._set_phase(tm, T.PENDING)                 # S802
+        if tm.phase == T.PENDING:
+            ok = yield from self._handover(tm, vols)                  # S803-S811
+            if not ok:
+                return
+        if not tm.confirmed:                                          # V1 may start draining and copying
+            yield from self._confirm(tm)
+        if tm.valid_pending:
+            yield from self._set_valid_until_done(tm, vols, tm.valid_pending, tm.handover_seq)
+            tm.valid_pending = ""
+            yield from core.save()
+        if tm.phase == T.TRANSITIONAL:
+            yield from self._poll_source(tm, "drained")               # S815/S816
+            yield from self._set_valid_until_done(tm, vols, T.SOURCE_2, 0)   # S817-S819
+            yield from self._set_phase(tm, T.MIGRATING)
+        if tm.phase == T.MIGRATING:
+            yield from self._poll_source(tm, "complete")              # S820/S821
+            missing = [v.name for v in vols if not v.migrated.all_set()]
+            if missing:
+                raise StateError(f"source reported complete but {missing} have unmigrated regions")
+            tm.finished = core.rt.now
+            T.go(T.RUN_STATE, tm, T.DONE)
+            yield from self._set_phase(tm, T.DONE)                    # S822/S823
+        self.waiting_for.pop(tm.id, None)
+
+    def _handover(self, tm: TargetMigration, vols: list["Volume"]) -> Generator[Any, Any, bool]:
+        core, cfg = self.core, self.core.cfg
+        deadline = core.rt.now + cfg.handover_timeout_s
+        for v in vols:                                                # relays already sent must finish
+            while self.relays.get(v.name, 0):
+                yield Wait(("relays", v.name), timeout_s=cfg.peer_timeout_s)
+        src = tm.source_node
+        t0 = core.rt.now
+        reply = None
+        while reply is None:
+            tm.attempts += 1
+            attempt = f"{core.incarnation}/{tm.attempts}"
+            try:
+                reply = yield from core.call(src.node, src.control, "mig.handover", {
+                    "volumes": [m.source.volume for m in tm.members], "target": core.name, "id": tm.id,
+                    "attempt": attempt}, timeout_s=max(1.0, min(cfg.peer_timeout_s, deadline - core.rt.now)))
+            except RcopyError as exc:
+                self.waiting_for[tm.id] = f"{src.node}: {exc}"
+                if core.rt.now + cfg.poll_s >= deadline or isinstance(exc, StateError):
+                    # V1 did not hand over: nothing was taken over. Back to THROUGH (V1 is still
+                    # the primary), have V1 thawed, and leave the migration failed, resumable.
+                    tm.error = f"handover from {src.node} failed: {exc}"
+                    tm.last_attempt = attempt
+                    T.go(T.RUN_STATE, tm, T.FAILED)
+                    yield from self._set_phase(tm, T.THROUGH)
+                    core.log("error", f"migration {tm.id}: {tm.error}; back to through mode")
+                    core.service(f"thaw-{tm.id}", lambda: self._thaw_source(tm))
+                    return False
+                yield Sleep(cfg.poll_s)
+        self._take_over(tm, vols, reply.fields)                       # S806
+        if tm.mode == "async":
+            g0 = reply["journal"]
+            yield from core.primary._ensure_group(tm.group, int(g0["capacity_bytes"]), int(g0["counter"]),
+                                                  g0.get("head"))
+        for v in vols:
+            yield from v.maps["diff"].persist(sync=True)
+        value = T.TRANSITIONAL if tm.mode == "async" else T.SOURCE_2
+        # S807-S809. If V3 does not answer quickly, host I/O is not held hostage: V2 goes on
+        # (async: its entries wait in its journal; sync: its pair suspends and tracks dirty
+        # regions) and the update is retried until V3 takes it.
+        done = yield from self._set_valid(tm, vols, value, tm.handover_seq, cfg.valid_quick_s)
+        tm.valid_pending = "" if done else value
+        tm.handover_ms = (core.rt.now - t0) * 1000
+        tm.last_attempt = attempt
+        yield from self._set_phase(tm, T.TRANSITIONAL if tm.mode == "async" else T.MIGRATING)  # S810/S811
+        for v in vols:                                                # S812/S813: the diff copy resumes here
+            if v.info.pair_state == T.COPYING:
+                core.primary.wake_copier(v)
+        return True
+
+    def _take_over(self, tm: TargetMigration, vols: list["Volume"], info: dict[str, Any]) -> None:
+        """S806: V2 continues V1's pair state, diff bitmap, counter and journal position."""
+        by_source = {m["volume"]: m for m in info["members"]}
+        tm.handover_seq = int(info["handover_seq"])
+        for v, member in zip(vols, tm.members):
+            m = by_source[member.source.volume]
+            v.info.remote_copy_flag = "source"
+            v.info.mode, v.info.group, v.info.transfer = m["mode"], m["group"], m["transfer"]
+            T.go(T.PAIR_STATE, v.info, m["pair_state"])
+            v.info.suspend_reason = str(m.get("suspend_reason", ""))
+            v.info.auto_resume = bool(m.get("auto_resume", True))
+            v.info.copy_epoch = int(m.get("copy_epoch", 0))
+            v.maps["diff"].note(v.diff.merge(bytes.fromhex(m["diff_bitmap"])))
+            tm.mode, tm.group = m["mode"], m["group"]
+            tm.source_pair_state = m["pair_state"]
+
+    def _set_valid(self, tm: TargetMigration, vols: list["Volume"], value: str, handover_seq: int,
+                   timeout_s: float) -> Generator[Any, Any, bool]:
+        """Ask V3's node to set copy_source_valid; False if it did not answer in time."""
+        sec = tm.members[0].secondary
+        try:
+            yield from self.core.call(sec.node, sec.control, "mig.set_valid", {
+                "volumes": [m.secondary.volume for m in tm.members], "source": self.core.name,
+                "value": value, "handover_seq": handover_seq}, timeout_s=timeout_s)
+            return True
+        except RcopyError as exc:
+            self.waiting_for[tm.id] = f"{sec.node}: {exc}"
+            return False
+
+    def _set_valid_until_done(self, tm: TargetMigration, vols: list["Volume"], value: str,
+                              handover_seq: int) -> Generator[Any, Any, None]:
+        while not (yield from self._set_valid(tm, vols, value, handover_seq, self.core.cfg.valid_quick_s)):
+            yield Sleep(self.core.cfg.poll_s * 5)
+
+    def _poll_source(self, tm: TargetMigration, flag: str) -> Generator[Any, Any, None]:
+        """S815/S820: poll 2_1 with a fixed delay until it reports ``flag`` for every member."""
+        src = tm.source_node
+        names = [m.source.volume for m in tm.members]
+        while True:
+            try:
+                reply = yield from self.core.call(src.node, src.control, "mig.source_status",
+                                                  {"volumes": names}, timeout_s=5.0)
+                if all(s.get(flag) for s in reply["volumes"]):
+                    return
+                self.rate_bytes_s = float(reply.get("rate_bytes_s", 0.0))
+                self.waiting_for[tm.id] = f"{src.node}: not yet {flag}"
+            except NodeUnreachable as exc:
+                self.waiting_for[tm.id] = f"{src.node}: {exc}"
+            yield Sleep(self.core.cfg.poll_s)
+
+    def _confirm(self, tm: TargetMigration) -> Generator[Any, Any, None]:
+        """Tell V1 that V2 took over with the snapshot of ``last_attempt`` (it can never be thawed now)."""
+        src = tm.source_node
+        while True:
+            try:
+                yield from self.core.call(src.node, src.control, "mig.confirm", {
+                    "volumes": [m.source.volume for m in tm.members], "id": tm.id, "attempt": tm.last_attempt})
+                break
+            except RcopyError as exc:
+                self.waiting_for[tm.id] = f"{src.node} (to confirm the handover): {exc}"
+                yield Sleep(self.core.cfg.poll_s * 5)
+        tm.confirmed = True
+        yield from self.core.save()
+
+    def _thaw_source(self, tm: TargetMigration) -> Generator[Any, Any, None]:
+        """After a failed handover: tell V1 to take host updates again (V2 never took over)."""
+        src = tm.source_node
+        while tm.state == T.FAILED and tm.phase == T.THROUGH and tm.id in self.core.migrations:
+            try:
+                yield from self.core.call(src.node, src.control, "mig.thaw", {
+                    "volumes": [m.source.volume for m in tm.members], "id": tm.id,
+                    "attempt": tm.last_attempt})
+                return
+            except RcopyError as exc:
+                self.waiting_for[tm.id] = f"{src.node} (to thaw it): {exc}"
+                yield Sleep(self.core.cfg.poll_s * 5)
+
+    # ================================================================== program 204 on 2_1 (Fig. 9)
+    def _source_record(self, names: list[str]) -> tuple[SourceMigration, list["Volume"]]:
+        vols = [self.core.volume(n) for n in names]
+        sms = {id(self.source_of(v)): self.source_of(v) for v in vols}
+        sm = next(iter(sms.values()))
+        if len(sms) != 1 or sm is None or set(sm.volumes) != set(names):
+            raise StateError(f"{names} are not prepared as the sources of one migration")
+        return sm, vols
+
+    def _h_handover(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """S901-S906 (+S911 first, SPEC 4.15): quiesce V1 and hand its management info to V2."""
+        core = self.core
+        sm, vols = self._source_record(list(msg["volumes"]))
+        for v in vols:
+            if v.info.remote_copy_flag != "source":
+                raise StateError(f"{core.name}:{v.name} is not a remote-copy primary")
+        if sm.stage not in (T.PREPARED, T.FROZEN):
+            raise StateError(f"{core.name} has already handed over to {msg.get('target')}")
+        if sm.stage == T.PREPARED:
+            T.go(T.SOURCE_STAGE, sm, T.FROZEN)                       # S901/S902 + no new host update
+        sm.attempt = str(msg.get("attempt", ""))
+        yield from core.save()                                       # a restart stays frozen
+        for v in vols:                                               # S903/S904
+            deadline = core.rt.now + 60.0
+            while v.inflight:
+                if core.rt.now >= deadline:
+                    raise StateError(f"{core.name}:{v.name}: I/O still in flight after 60 s")
+                yield Wait(("idle", v.name), timeout_s=deadline - core.rt.now)
+            everything = range(0, v.diff.nregions)                   # a copy step in progress finishes
+            yield from v.locks.acquire(everything)
+            v.locks.release(everything)
+        members, journal = [], {}
+        sm.handover_seq = 0
+        for v in vols:
+            yield from v.maps["migrated"].update(v.migrated.clear_all(), sync=True)   # S911, before S906
+            members.append({"volume": v.name, "mode": v.info.mode, "group": v.info.group,
+                            "transfer": v.info.transfer, "pair_state": v.info.pair_state,
+                            "suspend_reason": v.info.suspend_reason, "auto_resume": v.info.auto_resume,
+                            "copy_epoch": v.info.copy_epoch, "diff_bitmap": v.diff.to_bytes().hex()})
+        if vols[0].info.mode == "async":
+            g = core.primary.groups[vols[0].info.group]
+            while g.pending or g.appending or g.folding:              # every admitted write is numbered
+                yield Wait(("stored", g.name), timeout_s=1.0)
+            sm.handover_seq = g.counter                               # N0: V2's first number
+            g.handover_below = sm.handover_seq
+            journal = {"counter": g.counter, "capacity_bytes": g.space.capacity, "head": g.space.head}
+        yield from core.save()
+        return wire.ok(members=members, handover_seq=sm.handover_seq, journal=journal)
+
+    def _h_thaw(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """V2 gave up the handover (it never took over): V1 is the primary again, unfrozen."""
+        core = self.core
+        vols = [core.volume(n) for n in msg["volumes"]]
+        if all(self.source_of(v) is None or self.source_of(v).id != msg.get("id") for v in vols):
+            return wire.ok(stage=T.PREPARED)      # not in that migration: nothing is frozen for it
+        sm, vols = self._source_record(list(msg["volumes"]))
+        if sm.stage == T.FROZEN and sm.attempt == str(msg.get("attempt", "")):
+            T.go(T.SOURCE_STAGE, sm, T.PREPARED)
+            for v in vols:
+                g = core.primary.groups.get(v.info.group)
+                if g is not None:
+                    g.handover_below = 0
+            yield from core.save()
+            core.log("warning", f"migration {sm.id}: thawed, {core.name} is the primary again")
+        return wire.ok(stage=sm.stage)
+
+    def _h_confirm(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """V2 took over with our snapshot: drain the backlog and copy the regions (S907-S916)."""
+        sm, vols = self._source_record(list(msg["volumes"]))
+        if sm.stage == T.FROZEN:
+            if sm.attempt != str(msg.get("attempt", "")):
+                raise StateError(f"migration {sm.id}: confirmation for handover {msg.get('attempt')!r}, "
+                                 f"but the snapshot was taken for {sm.attempt!r}")
+            T.go(T.SOURCE_STAGE, sm, T.HANDED_OVER)
+            yield from self.core.save()
+            self._spawn_source(sm)
+        elif sm.stage == T.PREPARED:
+            raise StateError(f"migration {sm.id}: {self.core.name} was thawed; it did not hand over")
+        return wire.ok(stage=sm.stage)
+
+    def _spawn_source(self, sm: SourceMigration) -> None:
+        self.core.service(f"migrate-source-{sm.id}", lambda: self.source_procedure(sm))
+
+    def source_procedure(self, sm: SourceMigration) -> Generator[Any, Any, None]:
+        core = self.core
+        vols = [core.volume(n) for n in sm.volumes]
+        if sm.stage == T.HANDED_OVER:
+            # S907-S910: drain the backlog; we wait until V3 reports it applied, which is stronger
+            # than "sent" and lets V3 stop accepting from V1 without any risk (SPEC 5.10).
+            for v in vols:
+                if v.info.mode != "async":
+                    continue
+                g = core.primary.groups[v.info.group]
+                while g.applied < sm.handover_seq - 1 and v.info.pair_state != T.SUSPENDED:
+                    yield Wait(("stored", g.name), timeout_s=core.cfg.poll_s)
+            T.go(T.SOURCE_STAGE, sm, T.DRAINED)                      # S910
+            yield from core.save()
+        if sm.stage == T.DRAINED:
+            for v in vols:                                            # S912-S915
+                yield from self._background_copy(sm, v)
+            T.go(T.SOURCE_STAGE, sm, T.COMPLETE)                      # S916
+            yield from core.save()
+
+    def _background_copy(self, sm: SourceMigration, v: "Volume") -> Generator[Any, Any, None]:
+        """S912-S915: push every unmigrated region to V2, copy_streams regions in flight."""
+        core = self.core
+        target = sm.target[v.name]
+        state = {"next": 0, "running": 0, "copied": 0, "start": core.rt.now, "error": None}
+        taken: set[int] = set()
+        key = ("bgcopy", sm.id, v.name)
+
+        def take() -> int | None:
+            for start in (state["next"], 0):
+                r = v.migrated.first_clear(start)
+                while r is not None and r in taken:
+                    r = v.migrated.first_clear(r + 1)
+                if r is not None:
+                    taken.add(r)
+                    state["next"] = r + 1
+                    return r
+            return None
+
+        def stream() -> Generator[Any, Any, None]:
+            try:
+                while (region := take()) is not None:
+                    try:
+                        yield from self._push_region(v, target, region)
+                        yield from v.maps["migrated"].update(v.migrated.set(region))   # S915
+                        state["copied"] += v.migrated.extent(region)[1]
+                        elapsed = max(core.rt.now - state["start"], 1e-6)
+                        self.rate_bytes_s = state["copied"] / elapsed
+                        if sm.rate_limit_bytes_s:
+                            ahead = state["copied"] / sm.rate_limit_bytes_s - elapsed
+                            if ahead > 0:
+                                yield Sleep(min(ahead, 5.0))
+                    finally:
+                        taken.discard(region)
+            finally:
+                state["running"] -= 1
+                core.rt.notify(key)
+
+        while not v.migrated.all_set():
+            state["running"] = core.cfg.copy_streams
+            for i in range(core.cfg.copy_streams):
+                core.rt.spawn(stream(), f"copy-stream-{v.name}-{i}", on_exit=lambda t, e, r: None)
+            while state["running"] > 0:
+                yield Wait(key)
+
+    def _push_region(self, v: "Volume", target: PeerVolume, region: int) -> Generator[Any, Any, None]:
+        """Send one region to V2, retrying while it does not answer."""
+        while True:
+            offset, length = v.migrated.extent(region)
+            data = yield VolRead(v.name, offset, length, sparse=True)
+            try:
+                yield from self.core.call(target.node, target.control, "mig.region", {
+                    "volume": target.volume, "region": region, "zero": length if data is None else 0},
+                    [data] if data is not None else [], timeout_s=self.core.cfg.peer_timeout_s)
+                return
+            except RcopyError as exc:
+                self.core.log("warning", f"background copy to {target.node} paused: {exc}")
+                yield Sleep(1.0)
+
+    def _h_fetch(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """Serve an on-demand fetch (S1113/S1506). V1's bit is set by the background copy once V2
+        confirms it holds the region (it answers "skipped" for fetched ones)."""
+        v = self.core.volume(msg["volume"])
+        region = int(msg["region"])
+        if not 0 <= region < v.migrated.nregions:
+            raise UsageError(f"region {region} out of range")
+        if not self.frozen(v):
+            raise StateError(f"{self.core.name}:{v.name} has not handed over; nothing to fetch yet")
+        offset, length = v.migrated.extent(region)
+        data = yield VolRead(v.name, offset, length, sparse=True)
+        return wire.ok([data] if data is not None else [], zero=length if data is None else 0)
+
+    def _h_region(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """S914 on 2_2: store a pushed region unless V2 already has it (invariant 7)."""
+        v = self.core.volume(msg["volume"])
+        region = int(msg["region"])
+        if not 0 <= region < v.migrated.nregions:
+            raise UsageError(f"region {region} out of range")
+        tm = self.target_of(v)
+        if tm is None or tm.phase not in (T.TRANSITIONAL, T.MIGRATING):
+            raise StateError(f"{self.core.name}:{v.name} is not migrating")
+        offset, length = v.migrated.extent(region)
+        regions = range(region, region + 1)
+        yield from v.locks.acquire(regions)
+        try:
+            if v.migrated.is_set(region):
+                return wire.ok(skipped=True)
+            if msg.get("zero"):
+                yield VolZero(v.name, offset, length)
+            elif msg.payloads and len(msg.payloads[0]) == length:
+                yield VolWrite(v.name, offset, msg.payloads[0])
+            else:
+                raise ProtocolError("mig.region: data does not match the region")
+            v.syncer.wrote()
+            yield from v.syncer.sync()
+            yield from v.maps["migrated"].update(v.migrated.set(region), sync=True)
+        finally:
+            v.locks.release(regions)
+        return wire.ok(skipped=False)
+
+    def _h_dual_write(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        v = self.core.volume(msg["volume"])
+        if not self.frozen(v):
+            raise StateError(f"{self.core.name}:{v.name} is not a migration source past its handover")
+        if not msg.payloads:
+            raise ProtocolError("mig.dual_write without data")
+        offset = int(msg["offset"])
+        v.check(offset, len(msg.payloads[0]))
+        yield VolWrite(v.name, offset, msg.payloads[0])
+        v.syncer.wrote()
+        return wire.ok()
+
+    def _h_source_status(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        out = []
+        for name in msg["volumes"]:
+            v = self.core.volume(name)
+            sm = self.source_of(v)
+            stage = sm.stage if sm else ""
+            out.append({"volume": name, "stage": stage, "drained": stage in (T.DRAINED, T.COMPLETE),
+                        "complete": stage == T.COMPLETE, "migrated_fraction": v.migrated.fraction_set()})
+        return wire.ok(volumes=out, rate_bytes_s=self.rate_bytes_s)
+        yield
+
+    # ================================================================== 2_3 side (S807, S817, S1601)
+    def _h_set_valid(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        core = self.core
+        value = str(msg["value"])
+        vols = [core.volume(n) for n in msg["volumes"]]
+        for v in vols:
+            if v.info.remote_copy_flag != "dest":
+                raise StateError(f"{core.name}:{v.name} is not a secondary")
+            if len(v.info.copy_source_info) < 2:
+                raise StateError(f"{core.name}:{v.name} has no second copy source registered")
+            dg = core.secondary.groups.get(v.info.group)
+            if value == T.SOURCE_2 and v.info.copy_source_valid == T.TRANSITIONAL and dg is not None:
+                n0 = dg.info.handover_seq
+                if dg.durable_applied < n0 - 1:                      # invariant 16
+                    raise StateError(f"{v.name}: V1's backlog below {n0} is not applied yet "
+                                     f"(applied {dg.durable_applied})")
+            if v.info.copy_source_valid != value:
+                T.COPY_SOURCE_VALID.check(v.info.copy_source_valid, value)
+        for v in vols:
+            T.go(T.COPY_SOURCE_VALID, v.info, value)
+            dg = core.secondary.groups.get(v.info.group)
+            if dg is not None and msg.get("handover_seq"):
+                dg.info.handover_seq = int(msg["handover_seq"])
+        yield from core.save()
+        return wire.ok()
+
+    def _h_remove_source(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """S1601: forget V1 as a copy source; V2 remains, as the only (valid) source."""
+        core = self.core
+        v = core.volume(msg["volume"])
+        if v.info.copy_source_valid == T.TRANSITIONAL:
+            raise StateError(f"{core.name}:{v.name} still receives from both sources")
+        keep = [p for i, p in enumerate(v.info.copy_source_info, 1)
+                if p.node != msg["source_node"] and T.source_accepted(v.info.copy_source_valid, i)]
+        if not keep:
+            raise StateError(f"removing {msg['source_node']} would leave {v.name} without a source")
+        v.info.copy_source_info = keep
+        if v.info.copy_source_valid == T.SOURCE_2:
+            T.go(T.COPY_SOURCE_VALID, v.info, T.SOURCE_1)
+        dg = core.secondary.groups.get(v.info.group)
+        if dg is not None:
+            dg.info.handover_seq = 0
+        yield from core.save()
+        return wire.ok()
+
+    def _h_clear_target(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """S1602 (1): V2 forgets its migration source."""
+        core = self.core
+        v = core.volume(msg["volume"])
+        tm = self.target_of(v)
+        if tm is not None and tm.state != T.DONE:
+            raise StateError(f"the migration to {core.name}:{v.name} is {tm.state}")
+        v.info.migration_source_info = None
+        v.info.migration = ""
+        if tm is not None and not any(x.info.migration == tm.id for x in core.volumes.values()):
+            core.migrations.pop(tm.id, None)
+        yield from core.save()
+        return wire.ok()
+
+    def _h_unregister_source(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """S1602 (2),(3): V1 forgets V2 and V3; it is an ordinary volume again."""
+        core = self.core
+        v = core.volume(msg["volume"])
+        sm = self.source_of(v)
+        if v.info.remote_copy_flag == "source" and (sm is None or sm.stage != T.COMPLETE):
+            raise StateError(f"{core.name}:{v.name} is still a primary or has undrained data")
+        group = v.info.group
+        T.go(T.PAIR_STATE, v.info, T.OFF)
+        v.info.remote_copy_flag, v.info.mode, v.info.group = "off", "", ""
+        v.info.copy_dest_info = None
+        v.info.migration_dest_info = None
+        v.info.migration = ""
+        v.maps["diff"].note(v.diff.clear_all())
+        if sm is not None:
+            sm.volumes = [n for n in sm.volumes if n != v.name]
+            if not sm.volumes:
+                core.migrations.pop(sm.id, None)
+        yield from v.maps["diff"].persist()
+        yield from core.save()
+        yield from core.primary.drop_group_if_unused(group)
+        return wire.ok()
+
+    def _h_abort_target(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """Abort before the handover: V2 back to normal, nothing of it used."""
+        core = self.core
+        vols = [core.volume(n) for n in msg.get("volumes", [])]
+        tms = {v.info.migration: self.target_of(v) for v in vols if self.target_of(v)}
+        for tm in tms.values():
+            assert tm is not None
+            if tm.phase != T.THROUGH or tm.state not in (T.RUNNING, T.FAILED):
+                raise StateError(f"the migration to {core.name} is past the handover ({tm.phase}); resume "
+                                 f"it instead (rcopy migrate ... --resume)")
+        for tm in tms.values():
+            assert tm is not None
+            T.go(T.RUN_STATE, tm, T.ABORTED)
+            T.go(T.PHASE, tm, T.ABORTED)
+            for v in self._vols(tm):
+                T.go(T.RW_MODE, v.info, T.NORMAL)
+                v.info.migration_source_info = None
+                v.info.copy_dest_info = None
+                v.info.migration = ""
+                self.core.rt.notify(("mode", v.name))
+            core.migrations.pop(tm.id, None)
+        yield from core.save()
+        return wire.ok()
+
+    def _h_abort_source(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """Abort before the handover: V1 forgets V2 (it never stopped being the primary)."""
+        core = self.core
+        v = core.volume(msg["volume"])
+        sm = self.source_of(v)
+        if sm is not None and sm.stage != T.PREPARED:
+            raise StateError(f"{core.name}:{v.name} has already handed over")
+        v.info.migration_dest_info = None
+        v.info.migration = ""
+        if sm is not None:
+            sm.volumes = [n for n in sm.volumes if n != v.name]
+            sm.target.pop(v.name, None)
+            if not sm.volumes:
+                core.migrations.pop(sm.id, None)
+        yield from core.save()
+        return wire.ok()
+
+    def _h_drop_source(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """Abort before the handover: V3 forgets a copy source it never accepted data from."""
+        v = self.core.volume(msg["volume"])
+        v.info.copy_source_info = [p for i, p in enumerate(v.info.copy_source_info, 1)
+                                   if p.node != msg["source_node"] or T.source_accepted(v.info.copy_source_valid, i)]
+        yield from self.core.save()
+        return wire.ok()
+
+    # ================================================================== status
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for tm in self.core.migrations.values():
+            if not isinstance(tm, TargetMigration):
+                continue
+            vols = [self.core.volumes[m.target] for m in tm.members if m.target in self.core.volumes]
+            if not vols:
+                continue
+            frac = sum(v.migrated.fraction_set() for v in vols) / len(vols) if tm.phase != T.THROUGH else 0.0
+            out.append({"id": tm.id, "source": tm.members[0].source.label,
+                        "target": f"{self.core.name}:{tm.members[0].target}",
+                        "members": {m.source.label: f"{self.core.name}:{m.target}" for m in tm.members},
+                        "mode": vols[0].info.rw_mode, "phase": tm.phase, "state": tm.state,
+                        "migrated_fraction": 1.0 if tm.phase == T.DONE else round(frac, 4),
+                        "held_ms_max": round(tm.held_ms_max, 1), "handover_ms": round(tm.handover_ms, 1),
+                        "rate_bytes_s": self.rate_bytes_s, "error": tm.error or None,
+                        "waiting_for": self.waiting_for.get(tm.id), "group": tm.group,
+                        "dual_write_lost": tm.dual_write_lost or None})
+        return out

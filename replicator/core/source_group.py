@@ -1,0 +1,369 @@
+"""A consistency group at its primary (SPEC 2.3, 2.5, 4.8, 5.3, 5.6, 5.8, 5.10, 5.11).
+
+One counter and one journal for every member volume. Host writes are numbered in
+the order they reach the group and appended in batches (group commit, one append
+in flight); the journal's pointers keep ``discarded <= applied <= stored < counter``.
+
+Durability rules held here:
+* a host write is acknowledged only after its entry and every earlier one are stored;
+* an entry leaves the primary (push or pull) only once it is durable (fsynced), so
+  after a power loss the journal still holds everything the secondary may have;
+* space is freed only when the secondary reported the entries applied (durably),
+  the primary's own volume writes are done, and the discard is durable;
+* a full journal folds every unapplied entry into the diff bitmaps (durably) and
+  suspends the pair: host writes never fail because of the journal.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generator
+
+from .. import wire
+from ..errors import RangeNotStored, RcopyError
+from . import tables as T
+from .effects import JEntry, JournalAppend, JournalDiscard, JournalRead, JournalSync
+from .journal_space import RECORD_HEADER_BYTES, RingSpace
+from .model import PeerVolume, SourceGroupInfo
+from .runtime import Sleep, Wait
+
+if TYPE_CHECKING:
+    from .node import JournalState, NodeCore
+    from .volume import Volume
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """A host write waiting for its journal entry."""
+
+    volume: str
+    offset: int
+    data: bytes | memoryview
+    seq: int = 0
+    folded: bool = False
+
+
+class SourceGroup:
+    """The journal management information of one group (SPEC 5.3) and its transfer."""
+
+    def __init__(self, core: "NodeCore", info: SourceGroupInfo, state: "JournalState | None" = None) -> None:
+        self.core, self.info, self.name = core, info, info.name
+        self.space = RingSpace(info.journal_bytes)
+        self.counter = 1
+        self.stored = self.durable = self.applied = self.discarded = self.transferred = 0
+        self.index: dict[int, tuple[str, int, int]] = {}      # live entries: seq -> (volume, offset, length)
+        self.pending: deque[Pending] = deque()
+        self.writing: dict[int, int] = {}                      # seq -> volume writes still running
+        self.appending = self.syncing = self.discarding = self.folding = False
+        self.next_send = 1
+        self.handover_below = 0                                 # V1 after the handover: send only < N0
+        self.link_up = True
+        self.last_error = ""
+        self.peer_incarnation = ""
+        self.last_discard = 0.0
+        self.lag: deque[tuple[int, float]] = deque()
+        self.live_bytes = 0                                     # data bytes of entries (discarded, stored]
+        if state is not None:
+            self._restore(state)
+
+    def _restore(self, st: "JournalState") -> None:
+        self.space = RingSpace(st.capacity_bytes or self.info.journal_bytes, st.head)
+        for seq, pos, end in st.slots:
+            self.space.live.append((seq, pos, end))
+        self.counter, self.stored, self.discarded = st.counter, st.stored, st.discarded
+        # After a process kill the file may hold entries still only in the page cache: nothing
+        # beyond the discarded pointer counts as durable until this incarnation has synced it.
+        self.durable = self.discarded
+        self.applied = self.transferred = self.discarded
+        for seq, vol, off, length in st.entries:
+            self.index[seq] = (vol, off, length)
+            self.live_bytes += length
+        self.next_send = self.discarded + 1
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return ("group", self.name)
+
+    def members(self) -> list["Volume"]:
+        return self.core.members(self.name)
+
+    # ================================================================== appending (S2401-S2404)
+    def enqueue(self, vol: "Volume", offset: int, data: bytes | memoryview) -> Pending:
+        p = Pending(vol.name, offset, data)
+        self.pending.append(p)
+        self.core.rt.notify(("append", self.name))
+        return p
+
+    def wait_stored(self, p: Pending) -> Generator[Any, Any, bool]:
+        """Until ``p`` and every earlier entry are stored; False if it was folded instead."""
+        while not p.folded and (p.seq == 0 or p.seq > self.stored):
+            yield Wait(("stored", self.name))
+        return not p.folded
+
+    def appender(self) -> Generator[Any, Any, None]:
+        """Append what host writes queued, one batch at a time, in arrival order."""
+        rt = self.core.rt
+        while self.name in self.core.primary.groups:
+            if not self.pending or self.folding:
+                yield Wait(("append", self.name))
+                continue
+            batch = list(self.pending)[: self.core.cfg.push_batch_entries]
+            sizes = [RECORD_HEADER_BYTES + len(p.data) for p in batch]
+            n = self.space.fits(sizes)
+            if n == 0:
+                if self.discarding:
+                    yield Wait(("discarded", self.name))
+                    continue
+                yield from self.fold("journal full")
+                continue
+            entries = []
+            for p, size in zip(batch[:n], sizes[:n]):
+                self.pending.popleft()
+                p.seq = self.counter
+                self.counter += 1
+                where = self.space.place(size)
+                assert where is not None
+                self.space.add(p.seq, where[0], size)
+                self.index[p.seq] = (p.volume, p.offset, len(p.data))
+                self.live_bytes += len(p.data)
+                self.writing[p.seq] = 1
+                entries.append(JEntry(p.seq, p.volume, p.offset, p.data))
+            self._sample(entries[-1].seq)
+            self.appending = True
+            try:
+                yield JournalAppend(self.name, entries)
+            except RcopyError as exc:
+                self.appending = False
+                self.core.log("error", f"journal {self.name}: append failed ({exc}); folding")
+                self.stored = entries[-1].seq   # the space is allocated; the fold marks and frees it
+                yield from self.fold(f"journal write failed: {exc}")
+                continue
+            self.appending = False
+            self.stored = entries[-1].seq
+            rt.notify(("stored", self.name))
+            rt.notify(("appended", self.name))
+
+    def volume_written(self, seq: int) -> None:
+        """The primary's own write of entry ``seq`` is done (its space may be freed once applied)."""
+        self.writing.pop(seq, None)
+
+    def make_durable(self, seq: int) -> Generator[Any, Any, None]:
+        """Until every entry up to ``seq`` is fsynced (one sync in flight covers all callers)."""
+        while self.durable < seq:
+            if self.syncing:
+                yield Wait(("jsync", self.name))
+                continue
+            self.syncing, covered = True, self.stored
+            try:
+                yield JournalSync(self.name)
+                self.durable = max(self.durable, covered)
+            finally:
+                self.syncing = False
+                self.core.rt.notify(("jsync", self.name))
+
+    # ================================================================== fold (journal full, user suspend)
+    def fold(self, reason: str) -> Generator[Any, Any, None]:
+        """Move every unapplied entry (and every queued write) into the diff bitmaps, durably,
+        then discard them and suspend the group's pairs."""
+        rt = self.core.rt
+        while self.folding:
+            yield Wait(("folded", self.name))
+        self.folding = True
+        try:
+            while self.appending or self.discarding:
+                yield Wait(("appended", self.name) if self.appending else ("discarded", self.name))
+            vols = {v.name: v for v in self.members()}
+            extents = [e for s, e in self.index.items() if s > self.applied]
+            covered: set[int] = set()
+            while True:
+                # Host writes queued while we wait for the bits to be durable are covered too: the
+                # loop ends only when a pass found nothing new, with no wait between it and the end.
+                fresh = [p for p in self.pending if id(p) not in covered]
+                if not extents and not fresh:
+                    break
+                extents += [(p.volume, p.offset, len(p.data)) for p in fresh]
+                covered.update(id(p) for p in fresh)
+                touched = set()
+                for vname, offset, length in extents:
+                    v = vols.get(vname)
+                    if v is not None and v.maps["diff"].note(v.diff.set_range(offset, length)):
+                        touched.add(vname)
+                extents = []
+                for vname in sorted(touched):
+                    yield from vols[vname].maps["diff"].persist(sync=True)  # bits first, durably
+            for p in self.pending:
+                p.folded = True
+            self.pending.clear()
+            rt.notify(("stored", self.name))
+            for v in vols.values():            # suspended durably before a single entry goes: a crash
+                self.core.primary.set_suspended(v, reason)   # in between must not leave a duplex pair
+            yield from self.core.save()        # missing entries its secondary still needs
+            if self.stored > self.discarded:
+                yield JournalDiscard(self.name, through=self.stored)        # then drop the entries
+                self._freed(self.stored)
+            self.applied = max(self.applied, self.stored)
+            self.next_send = self.counter
+            self.core.log("warning", f"group {self.name}: folded {len(extents)} entries into the bitmaps "
+                                     f"and suspended ({reason})")
+        finally:
+            self.folding = False
+            rt.notify(("folded", self.name))
+            rt.notify(("append", self.name))
+
+    # ================================================================== discard (S2603, S2604, Fig. 30)
+    def discardable(self) -> int:
+        first_writing = min(self.writing, default=self.stored + 1)
+        return min(self.applied, self.stored, first_writing - 1)
+
+    def note_applied(self, applied: int) -> Generator[Any, Any, None]:
+        """The secondary reports ``applied`` (durably there): free what may be freed."""
+        if applied > self.applied:
+            self.applied = min(applied, self.stored)
+            self._trim_lag()
+        target = self.discardable()
+        if target <= self.discarded or self.discarding or self.folding:
+            return
+        now, j = self.core.rt.now, self
+        # Each discard is a durable meta write: under load at most every discard_every_s, at once
+        # when everything is applied or the journal is half full.
+        if not (self.applied >= self.stored or now - self.last_discard >= self.core.cfg.discard_every_s
+                or 2 * j.space.used() >= j.space.capacity):
+            return
+        self.discarding = True
+        try:
+            # After a power loss the journal rolls its live entries forward into the volumes;
+            # an entry may leave the journal only once its volume write is durable too.
+            for v in self.members():
+                yield from v.syncer.sync()
+            yield JournalDiscard(self.name, through=target)
+            self._freed(target)
+            self.last_discard = now
+        finally:
+            self.discarding = False
+            self.core.rt.notify(("discarded", self.name))
+            self.core.rt.notify(("append", self.name))
+
+    def _freed(self, through: int) -> None:
+        for s in range(self.discarded + 1, through + 1):
+            e = self.index.pop(s, None)
+            if e is not None:
+                self.live_bytes -= e[2]
+        self.space.free_through(through)
+        self.discarded = max(self.discarded, through)
+        self.applied = max(self.applied, self.discarded)
+        self.transferred = max(self.transferred, self.discarded)
+
+    # ================================================================== transfer
+    def _batch_end(self, start: int, last: int, bytes_max: int) -> int:
+        total, end = 0, start
+        for s in range(start, last + 1):
+            n = self.index[s][2] if s in self.index else 0
+            if s > start and (total + n > bytes_max or s - start >= self.core.cfg.push_batch_entries):
+                break
+            total += n
+            end = s
+        return end
+
+    def dest(self) -> tuple[PeerVolume | None, str, str]:
+        for v in self.members():
+            return v.info.copy_dest_info, v.info.transfer, v.info.pair_state
+        return None, "push", ""
+
+    def push_loop(self) -> Generator[Any, Any, None]:
+        """Async-transfer (W) 212 with deferred discard (Fig. 26, 28, 30)."""
+        cfg, rt = self.core.cfg, self.core.rt
+        next_heartbeat = 0.0
+        while self.name in self.core.primary.groups:
+            dest, transfer, pair_state = self.dest()
+            if dest is None or pair_state == T.SUSPENDED or transfer == "pull" or self.folding:
+                yield Wait(("stored", self.name), timeout_s=cfg.heartbeat_s)
+                continue
+            start = max(self.next_send, self.discarded + 1)
+            limit = self.stored if not self.handover_below else min(self.stored, self.handover_below - 1)
+            if start > limit and rt.now < next_heartbeat:
+                yield Wait(("stored", self.name), timeout_s=next_heartbeat - rt.now)
+                continue
+            entries: list[JEntry] = []
+            if start <= limit:
+                last = self._batch_end(start, limit, cfg.push_batch_bytes)
+                yield from self.make_durable(last)
+                try:
+                    entries = yield JournalRead(self.name, start, last)
+                except RangeNotStored:    # folded or discarded meanwhile
+                    yield Wait(("discarded", self.name), timeout_s=cfg.link_retry_s)
+                    continue
+            try:
+                reply = yield from self.core.call(dest.node, dest.control, "journal.push", {
+                    "group": self.name, "source": self.core.name,
+                    "entries": [[e.seq, e.volume, e.offset, len(e.data)] for e in entries]},
+                    [e.data for e in entries], timeout_s=cfg.sync_timeout_s)
+            except RcopyError as exc:
+                self.link_up, self.last_error = False, str(exc)
+                self.next_send = self.applied + 1
+                yield Sleep(cfg.link_retry_s)
+                continue
+            self.link_up, self.last_error = True, ""
+            next_heartbeat = rt.now + cfg.heartbeat_s
+            if reply.get("incarnation") != self.peer_incarnation:
+                self.peer_incarnation = str(reply.get("incarnation", ""))
+                self.next_send = int(reply.get("applied", 0)) + 1   # its reorder buffer is gone
+            elif entries:
+                self.next_send = entries[-1].seq + 1
+                self.transferred = max(self.transferred, entries[-1].seq)
+            yield from self.note_applied(int(reply.get("applied", 0)))
+
+    def serve_pull(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """Fig. 32: entries from ``from_seq``; a range not stored is an error with no side effect."""
+        cfg = self.core.cfg
+        start = int(msg["from_seq"])
+        _, _, pair_state = self.dest()
+        if pair_state == T.SUSPENDED:
+            return wire.ok(entries=[], applied=self.applied)
+        if self.handover_below and start >= self.handover_below:
+            yield from self.note_applied(int(msg.get("applied", 0)))
+            return wire.ok(entries=[], drained=True)
+        last_avail = self.stored if not self.handover_below else min(self.stored, self.handover_below - 1)
+        if start == last_avail + 1:               # caught up: nothing new, not an error
+            yield from self.note_applied(int(msg.get("applied", 0)))
+            return wire.ok(entries=[], applied=self.applied)
+        if not self.discarded < start <= last_avail:
+            raise RangeNotStored(f"requested range not stored: seq {start} of group {self.name} "
+                                 f"(it holds {self.discarded + 1}..{self.stored})")
+        yield from self.note_applied(int(msg.get("applied", 0)))
+        last = self._batch_end(start, last_avail, min(int(msg.get("max_bytes", cfg.push_batch_bytes)),
+                                                      cfg.push_batch_bytes))
+        yield from self.make_durable(last)
+        entries = yield JournalRead(self.name, start, last)
+        if entries:
+            self.transferred = max(self.transferred, entries[-1].seq)
+        return wire.ok([e.data for e in entries],
+                       entries=[[e.seq, e.volume, e.offset, len(e.data)] for e in entries])
+
+    # ================================================================== lag
+    def _sample(self, seq: int) -> None:
+        now = self.core.rt.now
+        if self.lag and now - self.lag[-1][1] < self.core.cfg.lag_sample_every_s:
+            return
+        if len(self.lag) >= self.core.cfg.lag_samples_max:   # keep the bound: thin out every other sample
+            self.lag = deque(list(self.lag)[::2])
+        self.lag.append((seq, now))
+
+    def _trim_lag(self) -> None:
+        while self.lag and self.lag[0][0] <= self.applied:
+            self.lag.popleft()
+
+    def lag_seconds(self) -> float:
+        self._trim_lag()
+        if self.applied >= self.stored:
+            return 0.0
+        return self.core.rt.now - self.lag[0][1] if self.lag else 0.0
+
+    def pending_bytes(self) -> int:
+        return sum(e[2] for s, e in self.index.items() if s > self.applied)
+
+    def status(self) -> dict[str, Any]:
+        return {"group": self.name, "role": "source", "counter": self.counter, "stored": self.stored,
+                "durable": self.durable, "transferred": self.transferred, "applied": self.applied,
+                "discarded": self.discarded, "journal_used_bytes": self.space.used(),
+                "journal_capacity_bytes": self.space.capacity, "link_up": self.link_up,
+                "last_error": self.last_error, "queued": len(self.pending)}
