@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+from replicator.core.journal_space import RingSpace
 from replicator.errors import IntegrityError, RangeNotStored, StateError, UsageError
 
 from .entry import (ENTRY, HEADER_SIZE, MAGIC, MAX_DATA_BYTES, U32_MAX, U64_MAX, WRAP, CorruptEntry,
@@ -161,8 +162,9 @@ class Journal:
         self._epoch = 1
         self._counter = 1
         self._stored = self._transferred = self._applied = self._discarded = 0
-        self._head = 0  # free head: where the next record goes
-        self._tail = 0  # free tail: start of the oldest live record (== head when none is live)
+        self._space = RingSpace(capacity_bytes)   # free head and tail (the same arithmetic the core uses)
+        self._synced = 0                          # every entry up to here has been fdatasynced
+        self._meta_counter = 1                    # the counter the meta file says
         self._index: dict[int, _Slot] = {}  # seq -> slot, for discarded+1 .. stored, in order
         self._data_bytes = 0                # data bytes of the live entries
         self._ids: dict[str, int] = {}
@@ -251,10 +253,8 @@ class Journal:
                 _pwrite_all(self._fd, [encode_wrap(seq, epoch=self._epoch)], wrap_at)
             header = encode_header(seq, volume_id, offset, view, epoch=self._epoch)
             _pwrite_all(self._fd, [header, view], pos)
-            if not self._index:
-                self._tail = pos
             self._index[seq] = _Slot(pos, self._epoch, volume_id, offset, len(view))
-            self._head = (pos + size) % self._capacity
+            self._space.add(seq, pos, size)
             self._data_bytes += len(view)
             self._stored = seq
             self._counter = seq + 1
@@ -339,7 +339,7 @@ class Journal:
     def meta(self) -> dict[str, Any]:
         """A JSON-safe snapshot of the journal management information (SPEC 5.3), for S906."""
         with self._lock:
-            return self._snapshot()
+            return self._snapshot(counter=self._counter)
 
     def adopt(self, meta: dict[str, Any]) -> None:
         """Continue another journal's counter and address space (SPEC 5.6, 5.12, invariant 25).
@@ -356,7 +356,7 @@ class Journal:
             if m.counter < self._counter:
                 raise StateError(f"journal {self.name}: adopting counter {m.counter} would move "
                                  f"its counter back from {self._counter}")
-            head = self._head
+            head = self._space.head
             if m.capacity == self._capacity:
                 head = m.head
             else:
@@ -366,14 +366,62 @@ class Journal:
             self._write_meta(self._snapshot(counter=m.counter, discarded=m.counter - 1, head=head))
             self._counter = m.counter
             self._stored = self._transferred = self._applied = self._discarded = m.counter - 1
-            self._head = self._tail = head
+            self._synced = m.counter - 1
+            self._space = RingSpace(self._capacity, head)
+
+    # ------------------------------------------------------------------ what the node's core asks for
+    def append_numbered(self, entries: Sequence[Any]) -> None:
+        """Append entries the core numbered (``seq``, ``volume``, ``offset``, ``data``), in order."""
+        for e in entries:
+            if e.seq != self.counter:
+                raise IntegrityError(f"journal {self.name}: entry {e.seq} appended where {self.counter} is next")
+            self.append(e.volume, e.offset, e.data)
+
+    def discard(self, through: int) -> None:
+        """Free every entry up to ``through`` durably; beyond the last stored one (a fold of entries
+        whose append failed), also continue numbering after it."""
+        if through <= self.stored:
+            self.mark_applied(through)
+            return
+        with self._meta_lock, self._lock:
+            self._check_open()
+            counter = max(self._counter, through + 1)
+            self._write_meta(self._snapshot(counter=counter, discarded=through, head=self._space.head))
+            if self._stored > self._discarded:
+                self._discard_through(self._stored)
+            self._counter = counter
+            self._stored = self._transferred = self._applied = self._discarded = through
+            self._synced = max(self._synced, through)
+
+    def continue_from(self, counter: int, head: int | None) -> None:
+        """A new, empty journal numbers from ``counter`` (a handover, SPEC 5.6), at byte ``head``."""
+        with self._meta_lock, self._lock:
+            self._check_open()
+            if self._index:
+                raise StateError(f"journal {self.name} is not empty")
+            if head is not None:
+                self._space = RingSpace(self._capacity, head)
+            self._write_meta(self._snapshot(counter=counter, discarded=counter - 1, head=self._space.head))
+            self._counter = counter
+            self._stored = self._transferred = self._applied = self._discarded = self._synced = counter - 1
+
+    def state(self) -> dict[str, Any]:
+        """What recovery found, for the node's core: pointers, live entries, their places in the ring."""
+        with self._lock:
+            rec = self.last_recovery
+            return {"counter": self._counter, "stored": self._stored, "discarded": self._discarded,
+                    "entries": [(q, self._names[x.volume_id], x.offset, x.length) for q, x in self._index.items()],
+                    "head": self._space.head, "slots": list(self._space.live), "capacity_bytes": self._capacity,
+                    "lost_entries": rec.lost_entries, "folded": list(rec.folded)}
 
     def sync(self) -> None:
         """Make every appended entry durable (NBD flush / FUA)."""
         with self._lock:
             self._check_open()
-            fd = self._fd
+            fd, covered = self._fd, self._stored
         os.fdatasync(fd)
+        with self._lock:
+            self._synced = max(self._synced, covered)
 
     def close(self) -> None:
         """Sync, write a fresh meta file and close. Safe to call twice."""
@@ -383,6 +431,7 @@ class Journal:
             self._closed = True
             try:
                 os.fdatasync(self._fd)
+                self._synced = self._stored
                 self._write_meta(self._snapshot())
             finally:
                 os.close(self._fd)
@@ -401,9 +450,7 @@ class Journal:
 
     # ------------------------------------------------------------------ space (callers hold _lock)
     def _used(self) -> int:
-        if not self._index:
-            return 0
-        return (self._head - self._tail) % self._capacity or self._capacity
+        return self._space.used()
 
     def _place(self, size: int) -> tuple[int, int | None]:
         """Where a record of ``size`` bytes goes, and where its wrap marker goes (if any).
@@ -411,15 +458,12 @@ class Journal:
         The record takes bytes from the free head onward. It never reaches a
         live entry. Raises JournalFull.
         """
-        free = self._capacity - self._used()
-        end_room = self._capacity - self._head
-        if size <= end_room:
-            if size <= free:
-                return self._head, None
-        elif not self._index or end_room + size <= free:  # skip the end gap, continue at 0
-            return 0, (self._head if end_room >= HEADER_SIZE else None)
-        raise JournalFull(f"journal {self.name} is full: {size} bytes needed, {free} of {self._capacity} "
-                          f"free, {self._stored - self._applied} entries waiting to be applied")
+        where = self._space.place(size)
+        if where is None:
+            free = self._capacity - self._used()
+            raise JournalFull(f"journal {self.name} is full: {size} bytes needed, {free} of {self._capacity} "
+                              f"free, {self._stored - self._applied} entries waiting to be applied")
+        return where
 
     def _discard_through(self, seq: int) -> None:
         """Free entries up to ``seq`` in memory. The meta file must already say so."""
@@ -428,8 +472,7 @@ class Journal:
         self._discarded = seq
         self._applied = max(self._applied, seq)
         self._transferred = max(self._transferred, seq)
-        nxt = self._index.get(seq + 1)
-        self._tail = nxt.pos if nxt is not None else self._head
+        self._space.free_through(seq)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -498,12 +541,16 @@ class Journal:
     def _snapshot(self, *, counter: int | None = None, discarded: int | None = None,
                   head: int | None = None) -> dict[str, Any]:
         """The meta object for the current state, or for it with the given changes applied."""
-        counter = self._counter if counter is None else counter
         discarded = self._discarded if discarded is None else discarded
-        head = self._head if head is None else head
-        applied = max(self._applied, discarded)
-        transferred = max(self._transferred, applied)
-        stored = max(self._stored, transferred)
+        if counter is None:
+            # Numbers of entries never synced were never sent: after a power loss they may be used
+            # again. The file's counter covers what is durable (and never goes back).
+            counter = max(self._meta_counter, min(self._synced, self._stored) + 1, discarded + 1)
+        head = self._space.head if head is None else head
+        top = counter - 1                 # the file names no entry above its counter
+        applied = min(max(self._applied, discarded), top)
+        transferred = min(max(self._transferred, applied), top)
+        stored = min(max(self._stored, transferred), top)
         nxt = self._index.get(discarded + 1)
         tail = nxt.pos if nxt is not None else head
 
@@ -524,6 +571,7 @@ class Journal:
 
     def _write_meta(self, meta: dict[str, Any]) -> None:
         """Replace the meta file atomically and durably: temp file, fsync, rename, fsync directory."""
+        self._meta_counter = max(self._meta_counter, int(meta["counter"]))
         data = memoryview((json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
         fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
@@ -642,8 +690,10 @@ class Journal:
         stored, found = expected - 1, len(index)
         self._index = index
         self._data_bytes = sum(s.length for s in index.values())
-        self._head = pos
-        self._tail = next(iter(index.values())).pos if index else pos
+        self._space = RingSpace(cap, pos)
+        for seq, slot in index.items():
+            self._space.live.append((seq, slot.pos, slot.end))
+        self._meta_counter = meta.counter
         self._counter = max(stored + 1, meta.counter)
         self._stored = stored
         self._discarded = self._applied = self._transferred = meta.discarded  # entries after it are resent

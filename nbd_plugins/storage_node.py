@@ -48,18 +48,20 @@ def cleanup():
 
 
 def list_exports(readonly, is_tls):
-    return sorted(_node.volumes) if _node else []
+    return _node.export_names() if _node else []
 
 
 def open(readonly):
+    name = nbdkit.export_name()
     try:
-        return _node.volume(nbdkit.export_name())
+        _node.size(name)   # NotFound for a volume that does not exist
     except Exception as exc:
         fail(exc)
+    return name
 
 
 def get_size(h):
-    return h.info.size
+    return _node.size(h)
 
 
 def pread(h, buf, offset, flags):

@@ -38,13 +38,13 @@ def after_fork():
     from pathlib import Path
 
     from replicator.keys import load as load_keys
-    from replicator.transport import Server
+    from replicator.transport import HandlerServer
     from replicator.vvol import VirtualVolumes
     setup_logging(os.path.join(_config["state"], "vvol.log"), _config.get("log_level", "INFO"))
     with logged_start("virtual volume server"):
         _engine = VirtualVolumes(Path(_config["state"]))
         keys = load_keys(Path(_config["keys"])) if _config.get("keys") else None
-        _server = Server(_config["control"], _engine.handle, keys=keys)
+        _server = HandlerServer(_config["control"], _engine.handle, keys=keys)
         _server.start()
 
 

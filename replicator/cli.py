@@ -435,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="migration.png", help="the PNG (default migration.png)")
 
     sub.add_parser("check", help="crash-consistency writer and checker (rcopy check write|check -h)")
+    sub.add_parser("sim", help="run the deterministic cluster simulator (rcopy sim -h)")
     return p
 
 
@@ -443,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["check"]:  # the checker has its own parser (rcopy check write|check ...)
         from . import blockwriter
         return blockwriter.main(argv[1:], prog="rcopy check")
+    if argv[:1] == ["sim"]:
+        from .sim import cli as sim_cli
+        return sim_cli.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

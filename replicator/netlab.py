@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 from . import process
 from .cluster import load
 from .errors import NotFound, RcopyError, StateError, UsageError
-from .mgmt import atomic_write
+from .files import atomic_write
 
 RECORD = "netlab.json"
 LOCK = Path("/run/rcopy-netlab.lock")

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from . import process, wire
 from .cluster import Cluster, Endpoint, load, parse_volume
+from .core import procedures as P
 from .keys import load as load_keys
 from .errors import NodeUnreachable, NotFound, RcopyError, StateError, UsageError
 from .transport import ClientPool
@@ -26,6 +27,9 @@ class Terminal:
         self.cluster = cluster if isinstance(cluster, Cluster) else load(Path(cluster))
         self.keys = load_keys(self.cluster.keys) if self.cluster.keys else None
         self.clients = ClientPool(timeout_s=30.0, keys=self.keys)
+        c = self.cluster
+        self.d = P.Directory({n: ep.control for n, ep in c.nodes.items()}, list(c.vvol_servers),
+                             lambda node, vol: c.node(node).nbd_uri(vol))
 
     # ------------------------------------------------------------------ plumbing
     def request(self, ep: Endpoint, kind: str, timeout_s: float | None = None,
@@ -106,40 +110,19 @@ class Terminal:
     def pair_create(self, primary: str, secondary: str, mode: str, group: str | None = None,
                     transfer: str = "push", journal_bytes: int | None = None,
                     auto_resume: bool = True) -> dict[str, Any]:
-        pnode, pvol = parse_volume(primary)
-        if parse_volume(secondary)[0] == pnode:
-            raise UsageError("primary and secondary must be on different nodes")
-        return self.node_request(pnode, "pair.create", volume=pvol, secondary=self.peer_entry(secondary),
-                                 mode=mode, group=group, transfer=transfer,
-                                 journal_bytes=journal_bytes, auto_resume=auto_resume).fields
+        return self.run(P.pair_create(self.d, primary, secondary, mode, group, transfer, journal_bytes, auto_resume))
 
     def pair_command(self, command: str, primary: str, **fields: Any) -> dict[str, Any]:
-        node, vol = parse_volume(primary)
-        return self.node_request(node, f"pair.{command}", volume=vol, **fields).fields
+        return self.run(P.pair_command(self.d, command, primary, **fields))
 
     def find_pair(self, primary: str, status: dict[str, Any] | None = None) -> dict[str, Any]:
-        if status is None:  # ask only the primary's node, then add what its secondary knows
-            pnode = parse_volume(primary)[0]
-            self.cluster.node(pnode)
-            pair = self.find_pair(primary, self.status(only=[pnode]))
-            snode = parse_volume(pair["secondary"])[0]
-            if snode in self.cluster.nodes:
-                return self.find_pair(primary, self.status(only=[pnode, snode]))
-            return pair
-        for p in status["pairs"]:
-            if p["primary"] == primary:
-                return p
-        raise NotFound(f"{primary} is not the primary of any pair")
+        if status is not None:
+            return P.find_pair(primary, status)
+        return self.run(P.pair_of(self.d, primary))
 
     def wait_pair(self, primary: str, predicate: Callable[[dict[str, Any]], bool], timeout_s: float,
                   what: str) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            try:
-                pair = self.find_pair(primary)
-            except NodeUnreachable:
-                return None
-            return pair if predicate(pair) else None
-        return process.wait_until(check, timeout_s, what, interval_s=0.1)
+        return self.run(P.wait_pair(self.d, primary, predicate, timeout_s, what, time.monotonic))
 
     def wait_duplex(self, primary: str, timeout_s: float = 600.0) -> dict[str, Any]:
         return self.wait_pair(primary, lambda p: p["state"] == "duplex", timeout_s,
@@ -148,54 +131,17 @@ class Terminal:
     # ------------------------------------------------------------------ status
     def status(self, only: list[str] | None = None) -> dict[str, Any]:
         """Everything (CLI.md ``status --json``); ``only``: ask just these nodes, no vvol servers."""
-        out: dict[str, Any] = {"nodes": [], "volumes": [], "pairs": [], "groups": [], "migrations": [],
-                               "vvols": []}
-        nodes = {n: ep for n, ep in self.cluster.nodes.items() if only is None or n in only}
-        servers = self.cluster.vvol_servers if only is None else {}
-        replies = self._ask_all([*nodes.values(), *servers.values()])
-        for name, ep in nodes.items():
+        st = self.run(P.status(self.d, only))
+        for n in st["nodes"]:              # the pid of a local daemon, also when it does not answer
+            ep = self.cluster.nodes[n["name"]]
             pid = process.read_pid(str(ep.pidfile))
-            entry = {"name": name, "up": False, "pid": pid if process.alive(pid) else None,
-                     "control": ep.control, "nbd": ep.nbd}
-            st = replies.get(name)
-            if st is None:
-                out["nodes"].append(entry)
-                continue
-            entry.update(up=True, pid=st["pid"])
-            out["nodes"].append(entry)
-            for v in st["volumes"]:
-                v["nbd_uri"] = ep.nbd_uri(v["name"])
-                out["volumes"].append(v)
-            out["pairs"] += st["pairs"]
-            out["groups"] += [dict(g, node=name) for g in st["groups"]]
-            out["migrations"] += st["migrations"]
-        secondaries = {f"{v['node']}:{v['name']}": v for v in out["volumes"]}
-        for p in out["pairs"]:
-            sec = secondaries.get(p["secondary"])
-            if sec is not None:
-                p["copy_source_valid"] = sec.get("copy_source_valid") or p["copy_source_valid"]
-                p["secondary_consistent"] = sec.get("consistent")
-        for name, ep in servers.items():
-            reply = replies.get(name)
-            vv, up = (reply.get("vvols", []), True) if reply is not None else ([], False)
+            n["pid"] = n.get("pid") or (pid if process.alive(pid) else None)
+            n["nbd"] = ep.nbd
+        for srv in st.get("vvol_servers", []):
+            ep = self.cluster.vvol_servers[srv["name"]]
             pid = process.read_pid(str(ep.pidfile))
-            out.setdefault("vvol_servers", []).append(
-                {"name": name, "up": up, "pid": pid if process.alive(pid) else None, "control": ep.control})
-            out["vvols"] += [dict(v, server=name) for v in vv]
-        return out
-
-    def _ask_all(self, daemons: list[Endpoint]) -> dict[str, dict[str, Any] | None]:
-        """Status of every daemon, asked in parallel so down ones cost one timeout in total."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        def ask(ep: Endpoint) -> dict[str, Any] | None:
-            try:
-                kind = "status" if ep.kind == "node" else "vvol.list"
-                return self.request(ep, kind, timeout_s=STATUS_TIMEOUT_S).fields
-            except NodeUnreachable:
-                return None
-        with ThreadPoolExecutor(max_workers=max(1, len(daemons))) as pool:
-            return dict(zip([d.name for d in daemons], pool.map(ask, daemons)))
+            srv.update(pid=pid if process.alive(pid) else None, control=ep.control)
+        return st
 
     # ------------------------------------------------------------------ verify
     def verify(self, a: str, b: str, wait: bool = True, timeout_s: float = 600.0) -> dict[str, Any]:
@@ -264,197 +210,78 @@ class Terminal:
                 timeout_s: float = 24 * 3600, rate_limit_bytes_s: int = 0, start: bool = True,
                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Move primary ``source`` (with ``group``: its whole consistency group) to ``target``."""
-        snode, svol = parse_volume(source)
-        tnode, tvol = parse_volume(target)
-        if snode == tnode:
-            raise UsageError("source and target must be on different nodes")
-        status = self.status()
-        down = [n["name"] for n in status["nodes"] if n["name"] in (snode, tnode) and not n["up"]]
-        if down:
-            raise NodeUnreachable(f"node(s) {', '.join(down)} are down; start them first")
-        if any(m["state"] == "running" for m in status["migrations"]):
-            raise StateError("a migration is already running; see rcopy status")
-        pairs = {p["primary"]: p for p in status["pairs"]}
-        if source not in pairs:
-            raise StateError(f"{source} is not a remote-copy primary; only primaries are migrated")
-        pair = pairs[source]
-        vols = {f"{v['node']}:{v['name']}": v for v in status["volumes"]}
-        if vols[source].get("frozen"):
-            raise StateError(f"{source} has already been migrated away")
-        members = [source]
-        if pair["mode"] == "async":
-            in_group = [p["primary"] for p in status["pairs"]
-                        if p["group"] == pair["group"] and p["primary"].startswith(snode + ":")
-                        and not vols[p["primary"]].get("frozen")]
-            if group is None and len(in_group) > 1:
-                raise UsageError(f"{source} shares consistency group {pair['group']} with "
-                                 f"{', '.join(m for m in in_group if m != source)}; migrate them "
-                                 f"together with --group {pair['group']}")
-            if group is not None and group != pair["group"]:
-                raise UsageError(f"{source} is in group {pair['group']}, not {group}")
-            members = sorted(in_group, key=lambda m: m != source)
-        mapping = {source: target}
-        for m in members[1:]:
-            mvol = parse_volume(m)[1]
-            mapping[m] = f"{tnode}:{(volume_map or {}).get(mvol, mvol)}"
-        secondary_node = parse_volume(pair["secondary"])[0]
-        if not next((n["up"] for n in status["nodes"] if n["name"] == secondary_node), False):
-            raise NodeUnreachable(f"secondary node {secondary_node} is down; remote copy must be running")
-        for src in mapping:
-            sec = vols.get(pairs[src]["secondary"], {})
-            if str(sec.get("copy_source_valid") or "1") != "1":
-                raise StateError(f"secondary {pairs[src]['secondary']} still has the source of an earlier "
-                                 f"migration (copy_source_valid={sec['copy_source_valid']}); finish that one "
-                                 f"with rcopy remove OLD-NODE first")
-        spec = []
-        for src, dst in mapping.items():
-            if dst not in vols:
-                raise NotFound(f"target volume {dst} does not exist (rcopy volume create {dst} "
-                               f"--size {vols[src]['size']})")
-            t = vols[dst]
-            if t["size"] != vols[src]["size"]:
-                raise UsageError(f"target {dst} has {t['size']} bytes but {src} has {vols[src]['size']}; "
-                                 f"create the target with the same size")
-            if t["role"] != "simplex" or t["rw_mode"] != "normal":
-                raise StateError(f"target {dst} is in use ({t['role']}, {t['rw_mode']})")
-            if not force and not self._is_empty(dst):
-                raise StateError(f"target {dst} is not empty; use --force to overwrite it")
-            spec.append({"target": parse_volume(dst)[1], "size": t["size"],
-                         "source": self.peer_entry(src), "secondary": self.peer_entry(pairs[src]["secondary"])})
-        # S603/S604 and S701: register the paths, V2 -> THROUGH.
-        self.node_request(tnode, "mig.prepare_target", members=spec, group=pair["group"], dual_write=dual_write)
-        try:
-            for src, dst in mapping.items():
-                self.node_request(snode, "mig.prepare_source", volume=parse_volume(src)[1],
-                                  target=self.peer_entry(dst), rate_limit_bytes_s=rate_limit_bytes_s)
-                self.node_request(secondary_node, "mig.add_source", volume=parse_volume(pairs[src]["secondary"])[1],
-                                  source=self.peer_entry(dst))
-            switched = []
-            held_ms = 0.0
-            for vv in status["vvols"]:                                  # S702-S704
-                if vv["target"] in mapping:
-                    r = self.vvol_switch(vv["name"], mapping[vv["target"]])
-                    switched.append(vv["name"])
-                    held_ms = max(held_ms, float(r.get("held_ms", 0.0)))
-        except RcopyError:
-            self._undo_prepare(tnode, [s["target"] for s in spec], mapping)
-            raise
-        result = {"source": source, "target": target, "members": mapping, "vvols_switched": switched,
-                  "switch_held_ms": round(held_ms, 1), "state": "running"}
-        if not start:  # stop in THROUGH mode; continue later with continue_migration()
-            return result
-        self.node_request(tnode, "mig.start")                          # S705
-        if not wait:
+        result = self.run(P.migrate(self.d, source, target, group, dual_write, volume_map, force,
+                                    rate_limit_bytes_s, start, is_empty=self._is_empty))
+        if not start or not wait:
             return result
         final = self.wait_migration(target, timeout_s, progress)       # S706/S707
         result.update(final)
-        result["host_pause_ms_max"] = round(max(held_ms, float(final.get("held_ms_max", 0.0))), 1)
+        result["host_pause_ms_max"] = round(max(result["switch_held_ms"], float(final.get("held_ms_max", 0.0))), 1)
         if final["state"] != "done":
-            raise StateError(f"migration failed: {final.get('error')}")
+            raise StateError(f"migration failed: {final.get('error')}; rcopy migrate {source} --to {target} "
+                             f"--resume tries again, --abort gives up")
         return result
 
     def continue_migration(self, target: str, wait: bool = True, timeout_s: float = 24 * 3600,
                            progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Start (S705) a migration left in THROUGH mode, or just follow a running one."""
-        tnode = parse_volume(target)[0]
-        migs = [m for m in self.node_request(tnode, "status")["migrations"] if m["target"] == target]
-        if not migs:
-            raise NotFound(f"no migration to {target}")
-        if migs[0]["mode"] == "through" and migs[0]["state"] == "running":
-            self.node_request(tnode, "mig.start")
-        return self.wait_migration(target, timeout_s, progress) if wait else migs[0]
+        """Start (S705) a migration left in THROUGH mode, restart a failed one, or follow a running one."""
+        mig = self.run(P.continue_migration(self.d, target))
+        return self.wait_migration(target, timeout_s, progress) if wait else mig
 
     def abort_migration(self, source: str, target: str) -> dict[str, Any]:
-        """Abort a migration that has not handed over yet (THROUGH mode): everything back to V1."""
-        tnode, tvol = parse_volume(target)
-        migs = [m for m in self.node_request(tnode, "status")["migrations"] if m["target"] == target]
-        if not migs:
-            raise NotFound(f"no migration to {target}")
-        if migs[0]["mode"] != "through":
-            raise StateError(f"the migration to {target} is past the handover ({migs[0]['phase']}); it cannot "
-                             f"be aborted without losing the new primary's writes: resume it with "
-                             f"rcopy migrate {source} --to {target} --resume")
-        pair = self.find_pair(source)
-        self._undo_prepare(tnode, [tvol], {source: target})
-        snode, svol = parse_volume(source)
-        self.node_request(snode, "mig.abort_source", volume=svol)
-        secnode, secvol = parse_volume(pair["secondary"])
-        self.node_request(secnode, "mig.drop_source", volume=secvol, source_node=tnode)
-        return {"source": source, "target": target, "state": "aborted"}
+        """Abort a migration that has not handed over (THROUGH mode, also after a failed handover)."""
+        return self.run(P.abort_migration(self.d, source, target))
 
-    def _is_empty(self, spec: str) -> bool:
-        node, vol = parse_volume(spec)
-        digests = self.node_request(node, "volume.hash", timeout_s=600, name=vol, chunk=64 << 20)["digests"]
-        return all(d == "0" for d in digests)
-
-    def _undo_prepare(self, tnode: str, targets: list[str], mapping: dict[str, str]) -> None:
-        back = {v: k for k, v in mapping.items()}
-        for vv in self.status()["vvols"]:
-            if vv["target"] in back:
-                try:
-                    self.vvol_switch(vv["name"], back[vv["target"]])
-                except RcopyError:
-                    pass
-        try:
-            self.node_request(tnode, "mig.abort_target", volumes=targets)
-        except RcopyError:
-            pass
+    def _is_empty(self, spec: str) -> Any:
+        node, vol = P.parse_volume(spec)
+        reply = yield P.Ask(node, "volume.hash", {"name": vol, "chunk": 64 << 20}, timeout_s=600)
+        return all(d == "0" for d in reply["digests"])
 
     def wait_migration(self, target: str, timeout_s: float,
                        progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        tnode = parse_volume(target)[0]
-        last: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            try:
-                migs = [m for m in self.node_request(tnode, "status", timeout_s=5)["migrations"]
-                        if m["target"] == target]
-            except NodeUnreachable:
-                migs = []
-                if progress:
-                    progress(dict(last, waiting_for=f"{tnode} is not answering"))
-            if migs:
-                last = migs[0]
-                if progress:
-                    progress(last)
-                if last["state"] in ("done", "failed"):
-                    return last
-            time.sleep(0.25)
-        raise StateError(f"migration to {target} did not finish within {timeout_s:g} s")
+        return self.run(P.wait_migration(self.d, target, timeout_s, time.monotonic, progress))
 
     def remove(self, node: str) -> dict[str, Any]:
         """S1601-S1604: unregister an old node whose primaries were all migrated away."""
-        self.cluster.node(node)
-        status = self.status()
-        if not next(n["up"] for n in status["nodes"] if n["name"] == node):
-            raise NodeUnreachable(f"{node} is down; start it so its paths can be unregistered")
-        for vv in status["vvols"]:
-            if vv["target"].startswith(node + ":"):
-                raise StateError(f"virtual volume {vv['name']} still maps to {vv['target']}")
-        removed = []
-        for v in status["volumes"]:
-            if v["node"] != node:
-                continue
-            label = f"{node}:{v['name']}"
-            if v["role"] == "primary" and not v.get("migrated_to"):
-                raise StateError(f"{label} is still a primary; migrate it first (rcopy migrate {label} --to ...)")
-            if v.get("migrated_to") and not (v.get("drained") and v.get("complete")):
-                raise StateError(f"{label} still has undrained or unmigrated data; wait for the migration")
-        for m in status["migrations"]:
-            if m["source"].startswith(node + ":") and m["state"] != "done":
-                raise StateError(f"migration {m['source']} -> {m['target']} is {m['state']}")
-        for v in status["volumes"]:
-            if v["node"] != node or not v.get("migrated_to"):
-                continue
-            label = f"{node}:{v['name']}"
-            pair = self.find_pair(label, status)
-            snode, svol = parse_volume(pair["secondary"])
-            self.node_request(snode, "mig.remove_source", volume=svol, source_node=node)       # S1601
-            tnode, tvol = parse_volume(v["migrated_to"])
-            self.node_request(tnode, "mig.clear_target", volume=tvol)                   # S1602 (1)
-            self.node_request(node, "mig.unregister_source", volume=v["name"])          # S1602 (2),(3)
-            removed.append(label)
-        return {"node": node, "unregistered": removed}
+        return self.run(P.remove(self.d, node))
+
+    # ------------------------------------------------------------------ running procedures
+    def run(self, proc: Any) -> Any:
+        """Run a procedure of core/procedures.py with blocking requests and real sleeps."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = proc.throw(error) if error is not None else proc.send(value)
+            except StopIteration as stop:
+                return stop.value
+            value, error = None, None
+            try:
+                if isinstance(op, P.Ask):
+                    value = self._ask(op)
+                elif isinstance(op, P.AskAll):
+                    value = self._ask_all(op.asks)
+                elif isinstance(op, P.Pause):
+                    time.sleep(op.seconds)
+                else:
+                    raise TypeError(f"procedure yielded {op!r}")
+            except RcopyError as exc:
+                error = exc
+
+    def _ask(self, op: "P.Ask") -> dict[str, Any]:
+        return self.request(self.cluster.daemon(op.target), op.kind, op.timeout_s, **op.fields).fields
+
+    def _ask_all(self, asks: list["P.Ask"]) -> list[dict[str, Any] | None]:
+        """Ask in parallel, so daemons that are down cost one timeout in total (None for them)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(a: "P.Ask") -> dict[str, Any] | None:
+            try:
+                return self._ask(a)
+            except NodeUnreachable:
+                return None
+        with ThreadPoolExecutor(max_workers=max(1, len(asks))) as pool:
+            return list(pool.map(one, asks))
 
 
 def _listening(endpoint: str) -> bool:

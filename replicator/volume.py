@@ -1,4 +1,4 @@
-"""A volume image on disk: a sparse file, range checks, region locks, in-flight count.
+"""A volume image on disk: a sparse file with range checks.
 
 This is the node's "normal cache area" (SPEC 2.4): plain pread/pwrite on a file;
 NBD flush and FUA become fdatasync. No replication logic here.
@@ -6,66 +6,9 @@ NBD flush and FUA become fdatasync. No replication logic here.
 from __future__ import annotations
 
 import os
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .errors import IOErrorRange
-
-LOCK_STRIPES = 1024
-
-
-class RegionLocks:
-    """Serialise work on the same regions (host writes, copies, migration; SPEC 4.15)."""
-
-    def __init__(self, region_bytes: int) -> None:
-        self.region_bytes = region_bytes
-        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
-
-    def stripes(self, offset: int, length: int) -> list[int]:
-        first = offset // self.region_bytes
-        last = (offset + max(length, 1) - 1) // self.region_bytes
-        if last - first + 1 >= LOCK_STRIPES:
-            return list(range(LOCK_STRIPES))
-        return sorted({r % LOCK_STRIPES for r in range(first, last + 1)})
-
-    @contextmanager
-    def hold(self, offset: int, length: int) -> Iterator[None]:
-        taken = []
-        try:
-            for s in self.stripes(offset, length):
-                self._locks[s].acquire()
-                taken.append(s)
-            yield
-        finally:
-            for s in reversed(taken):
-                self._locks[s].release()
-
-
-class InFlight:
-    """Counts requests being processed, so a handover can wait for them to finish (S903)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.count = 0
-
-    @contextmanager
-    def track(self) -> Iterator[None]:
-        with self._cond:
-            self.count += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.count -= 1
-                if self.count == 0:
-                    self._cond.notify_all()
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.count == 0, timeout_s)
-
 
 class VolumeStore:
     """The bytes of one volume, kept in ``path`` (created sparse)."""

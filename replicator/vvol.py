@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from . import wire
+from .core import vvol as core_vvol
 from .errors import NotFound, RcopyError, StateError, UsageError
-from .mgmt import atomic_write
+from .files import atomic_write
 
 log = logging.getLogger("rcopy.vvol")
 T = TypeVar("T")
@@ -37,39 +38,46 @@ class TargetError(RcopyError):
 
 
 class Gate:
-    """Admission control for one virtual volume: requests enter/exit, a switch holds/releases."""
+    """Admission control for one virtual volume: the path switch rule (core/vvol.py) with threads."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self.inflight = 0
-        self.holding = False
+        self.state = core_vvol.Gate()
+
+    @property
+    def inflight(self) -> int:
+        return self.state.inflight
+
+    @property
+    def holding(self) -> bool:
+        return self.state.holding
 
     def enter(self) -> float:
         """Admit a request (waiting while a switch holds the gate); return seconds it was held."""
         with self._cond:
             start = time.monotonic()
-            self._cond.wait_for(lambda: not self.holding)
-            self.inflight += 1
+            self._cond.wait_for(self.state.may_enter)
+            self.state.inflight += 1
             return time.monotonic() - start
 
     def exit(self) -> None:
         with self._cond:
-            self.inflight -= 1
+            self.state.inflight -= 1
             self._cond.notify_all()
 
     def hold(self, timeout_s: float) -> bool:
         """Stop admitting and wait until nothing is in flight; False (and released) on timeout."""
         with self._cond:
-            self.holding = True
-            if self._cond.wait_for(lambda: self.inflight == 0, timeout_s):
+            self.state.holding = True
+            if self._cond.wait_for(self.state.drained, timeout_s):
                 return True
-            self.holding = False
+            self.state.holding = False
             self._cond.notify_all()
             return False
 
     def release(self) -> None:
         with self._cond:
-            self.holding = False
+            self.state.holding = False
             self._cond.notify_all()
 
 

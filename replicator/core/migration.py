@@ -101,7 +101,7 @@ class Migrations:
         rt, cfg = self.core.rt, self.core.cfg
         held_since = rt.now
         while True:
-            if self.frozen(vol):
+            if write and self.frozen(vol):     # V1 after the handover: read-only (invariant 8)
                 dest = vol.info.migration_dest_info
                 raise StateError(f"{self.core.name}:{vol.name} has handed over to "
                                  f"{dest.label if dest else 'its new primary'}; use that volume")

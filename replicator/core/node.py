@@ -106,6 +106,7 @@ class NodeCore:
         self.cfg = cfg or Config()
         self.rt = Runtime()
         self.incarnation = ""
+        self.pid = 0                 # the process id, for status (the driver sets it)
         self.ready = False
         self.stopping = False
         self.volumes: dict[str, Volume] = {}
@@ -292,7 +293,7 @@ class NodeCore:
 
     # ================================================================== volumes
     def _h_ping(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
-        return wire.ok(name=self.name, role="node", incarnation=self.incarnation, ready=self.ready)
+        return wire.ok(name=self.name, role="node", pid=self.pid, incarnation=self.incarnation, ready=self.ready)
         yield  # a generator
 
     def _h_volume_create(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
@@ -364,5 +365,5 @@ class NodeCore:
                 pairs.append(self.primary.pair_status(v))
         groups = [g.status() for g in self.primary.groups.values()]
         groups += [g.status() for g in self.secondary.groups.values()]
-        return {"node": self.name, "ready": self.ready, "volumes": vols, "pairs": pairs, "groups": groups,
+        return {"node": self.name, "pid": self.pid, "ready": self.ready, "volumes": vols, "pairs": pairs, "groups": groups,
                 "migrations": self.mig.status(), "task_errors": dict(self.task_errors)}

@@ -323,7 +323,7 @@ class SecondarySide:
         info.remote_copy_flag = "dest"
         info.mode, info.group, info.transfer = mode, group, msg.get("transfer") or "push"
         info.copy_source_info = [source]
-        info.copy_source_valid = T.SOURCE_1
+        T.start_over(T.COPY_SOURCE_VALID, info, T.SOURCE_1)
         info.consistent = False
         info.copy_epoch = int(msg.get("epoch", 0))
         if mode == "async" and not new_group:
@@ -354,7 +354,7 @@ class SecondarySide:
         if not info.copy_source_info:
             group = info.group
             info.remote_copy_flag, info.mode, info.group = "off", "", ""
-            info.copy_source_valid = T.SOURCE_1
+            T.start_over(T.COPY_SOURCE_VALID, info, T.SOURCE_1)
             info.consistent = True
             if group and not core.members(group, "dest"):
                 core.dest_group_info.pop(group, None)

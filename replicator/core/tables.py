@@ -27,6 +27,11 @@ class Table:
         return new
 
 
+def start_over(table: Table, holder: Any, initial: str) -> None:
+    """A pair is created or deleted at this volume: the variable starts at its initial value."""
+    setattr(holder, table.attr, initial)
+
+
 def go(table: Table, holder: Any, new: str) -> bool:
     """Move ``holder``'s variable to ``new`` along ``table``; False if it was there already."""
     current = getattr(holder, table.attr)

@@ -39,11 +39,22 @@ class Checker:
                                                               # write is journaled again)
         self.appended: dict[tuple[str, str], set[int]] = {}   # (node, group) -> seqs appended there
         self.untracked: set[int] = set()                      # writes that reached a volume unnumbered
+        self._decoded: dict[int, tuple[int, list[int | None]]] = {}  # id(file) -> (version, write ids)
+        self.seq_version = 0                                  # bumped when ``seqs`` changes
+        self._last: dict[str, Any] = {}                       # inputs of the last check of each kind
         self.states: dict[tuple[str, str, str], str] = {}
         self.applied_max: dict[str, int] = {}
         self.reported: dict[str, int] = {}                    # group -> highest applied site-b reported
         self.checks = 0
         self.host_of: dict[str, Any] = {}
+
+    def ids(self, f: Any) -> list[int | None]:
+        """The write ids of a SimFile's blocks, decoded once per version."""
+        cached = self._decoded.get(id(f))
+        if cached is None or cached[0] != f.version:
+            cached = (f.version, decode(bytes(f.current), 0))
+            self._decoded[id(f)] = cached
+        return cached[1]
 
     def install(self) -> None:
         for (v1, v2, v3, app), h in zip(self.run.pairs, self.run.hosts):
@@ -70,6 +81,7 @@ class Checker:
                     return
                 self.seqs.setdefault((eff.group, ids[0]), []).append(e.seq)
                 seen.add(e.seq)
+                self.seq_version += 1
 
     def tap(self, d: "Daemon", eff: Any) -> None:
         if isinstance(eff, E.Log) and eff.level == "bug":
@@ -114,6 +126,7 @@ class Checker:
                 if key[0] == group:
                     seqs[:] = [s for s in seqs if s not in lost]
             mine -= lost
+            self.seq_version += 1
         # Acknowledged writes never flushed may be gone from the primary's volume, and so from the
         # resync that follows: unless the secondary applied them already, they are no longer due.
         if node == "site-a1" or (node == "site-a2" and self._past_handover(d)):
@@ -122,6 +135,7 @@ class Checker:
             for (g, wid), seqs in self.seqs.items():
                 if wid in volatile:
                     seqs[:] = [s for s in seqs if s <= applied.get(g, 0)]
+            self.seq_version += 1
         self.states = {k: v for k, v in self.states.items() if k[0] != node}
 
     @staticmethod
@@ -215,13 +229,18 @@ class Checker:
         lo, hi = dg.applier.last_applied, dg.applier.last_applied
         if dg.applying:
             hi = max(hi, dg.record[1])
-        low, high = -INF, INF     # the A every block allows: low <= A < high
         disk = self.w.daemons["site-b"].disk
+        inputs = (lo, hi, self.seq_version, len(self.untracked),
+                  tuple(disk.volumes[v.name].version for v in vols))
+        if self._last.get("prefix-" + dg.name) == inputs:
+            return
+        self._last["prefix-" + dg.name] = inputs
+        low, high = -INF, INF     # the A every block allows: low <= A < high
         for v in vols:
             h = self.host_of.get(v.name)
             if h is None:
                 continue
-            ids = decode(bytes(disk.volumes[v.name].current), 0)
+            ids = self.ids(disk.volumes[v.name])
             for b, wid in enumerate(ids):
                 hist = h.hist[b].writes
                 if wid is None:
@@ -229,7 +248,7 @@ class Checker:
                     return
                 pos = -1
                 if wid:
-                    pos = next((i for i, x in enumerate(hist) if x.id == wid), None)
+                    pos = h.hist[b].pos.get(wid)
                     if pos is None:
                         self.w.violation(f"site-b:{v.name} block {b} holds write {wid}, never written there")
                         return
@@ -262,15 +281,20 @@ class Checker:
         if v3 is None or v3.info.remote_copy_flag != "dest":
             return
         h = self.host_of["v3"]
-        ids = decode(bytes(self.w.daemons["site-b"].disk.volumes["v3"].current), 0)
+        f = self.w.daemons["site-b"].disk.volumes["v3"]
+        inputs = (f.version, pnode, pv.maps["diff"].version, h.completed)
+        if self._last.get("sync") == inputs:
+            return
+        self._last["sync"] = inputs
+        ids = self.ids(f)
+        per_region = pv.diff.region_bytes // BLOCK
         for blk, wid in enumerate(ids):
-            region = blk * BLOCK // pv.diff.region_bytes
-            if pv.diff.is_set(region):
+            if pv.diff.bits[blk // per_region]:
                 continue
             hist = h.hist[blk]
             if hist.floor < 0:
                 continue
-            if wid is None or wid not in h.allowed(blk):
+            if not h.may_hold(blk, wid):
                 self.w.violation(f"sync: site-b:v3 block {blk} holds write {wid}, but the host has write "
                                  f"{hist.writes[hist.floor].id} acknowledged and {pnode} does not track it")
                 return

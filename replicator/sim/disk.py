@@ -33,6 +33,7 @@ class SimFile:
         self.durable = bytearray(size)
         self.current = bytearray(size)
         self.unsynced: list[tuple[int, bytes]] = []
+        self.version = 0                 # bumped by every change of ``current``
 
     def write(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
@@ -40,6 +41,7 @@ class SimFile:
             raise IntegrityError(f"write past the end of a {len(self.current)}-byte file")
         self.current[offset:end] = data
         self.unsynced.append((offset, bytes(data)))
+        self.version += 1
 
     def read(self, offset: int, length: int) -> bytes:
         return bytes(self.current[offset:offset + length])
@@ -63,6 +65,7 @@ class SimFile:
                 damaged += 1
         self.unsynced.clear()
         self.current[:] = self.durable
+        self.version += 1
         return damaged
 
 

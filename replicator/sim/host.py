@@ -22,6 +22,9 @@ BLOCK = 512
 _PAT = struct.Struct("<QQ")
 
 
+_ZERO = bytes(BLOCK)
+
+
 def block_bytes(write_id: int, block: int) -> bytes:
     return _PAT.pack(write_id, block) * (BLOCK // _PAT.size)
 
@@ -31,11 +34,15 @@ def decode(data: bytes, first_block: int) -> list[int | None]:
     out: list[int | None] = []
     for i in range(len(data) // BLOCK):
         blk = data[i * BLOCK:(i + 1) * BLOCK]
-        if not any(blk):
-            out.append(0)
-            continue
-        wid, b = _PAT.unpack_from(blk)
-        out.append(wid if b == first_block + i and blk == block_bytes(wid, b) else None)
+        head = blk[:_PAT.size]
+        if blk == head * (BLOCK // _PAT.size):
+            wid, b = _PAT.unpack(head)
+            if wid == 0 and b == 0:
+                out.append(0)
+            else:
+                out.append(wid if b == first_block + i else None)
+        else:
+            out.append(None)
     return out
 
 
@@ -58,6 +65,11 @@ class History:
 
     writes: list[Write] = field(default_factory=list)
     floor: int = -1                 # -1: the initial zeros are still allowed
+    pos: dict[int, int] = field(default_factory=dict)    # write id -> index in writes
+
+    def add(self, w: Write) -> None:
+        self.pos[w.id] = len(self.writes)
+        self.writes.append(w)
 
 
 class Host:
@@ -125,7 +137,7 @@ class Host:
         self.writes[wid] = write
         for x in range(b, b + count):
             self.busy.add(x)
-            self.hist[x].writes.append(write)
+            self.hist[x].add(write)
         self._submit("write", write, "write", b * BLOCK, len(data), data, write.fua)
 
     def _read(self) -> None:
@@ -166,7 +178,7 @@ class Host:
             if write.suspect:
                 return
             for x in range(write.block, write.block + write.count):
-                self.hist[x].floor = self.hist[x].writes.index(write)
+                self.hist[x].floor = self.hist[x].pos[write.id]
         elif kind == "flush":
             if eff.error is not None:
                 self.errors.append(f"flush: {type(eff.error).__name__}: {eff.error}")
@@ -196,17 +208,20 @@ class Host:
             ctx(decode(eff.data, 0))
 
     # ------------------------------------------------------------------ what may be read
-    def allowed(self, block: int) -> set[int]:
+    def may_hold(self, block: int, wid: int | None) -> bool:
+        """Is ``wid`` a write a read of ``block`` may return now (see ``allowed``)?"""
+        if wid is None:
+            return False
         h = self.hist[block]
-        ok = {w.id for i, w in enumerate(h.writes) if i >= max(h.floor, 0) or w.failed}
-        if h.floor < 0:
-            ok.add(0)
-        return ok
+        if wid == 0:
+            return h.floor < 0
+        i = h.pos.get(wid)
+        return i is not None and (i >= h.floor or bool(h.writes[i].failed))
 
     def check_block(self, block: int, wid: int | None) -> str:
         if wid is None:
             return "a torn or foreign block"
-        if wid in self.allowed(block):
+        if self.may_hold(block, wid):
             return ""
         h = self.hist[block]
         last = h.writes[h.floor].id if h.floor >= 0 else 0

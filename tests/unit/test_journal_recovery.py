@@ -216,6 +216,7 @@ def test_stale_meta_still_recovers(tmp_path: Path):
 def test_lost_entries_keep_the_counter_and_fold(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     j = Journal(tmp_path, "g", 4096)
     fill(j, 10)
+    j.sync()           # durable, so they may have been sent: their numbers are taken for good
     j.mark_applied(2)  # the meta file now says counter 11
     crash(j)
     patch(tmp_path / "g.journal", 4 * REC, bytes(6 * REC))  # seq 5..10 vanish (power loss)
@@ -227,6 +228,22 @@ def test_lost_entries_keep_the_counter_and_fold(tmp_path: Path, caplog: pytest.L
     assert "resync" in caplog.text
     assert (j.counter, j.stored, j.applied, j.discarded, j.used_bytes) == (11, 10, 10, 10, 0)
     assert j.append("v", 0, b"x") == 11  # numbers the secondary may hold are never reused
+    j.close()
+
+
+def test_entries_never_synced_may_be_numbered_again_after_a_power_loss(tmp_path: Path):
+    """Only synced entries leave the primary, so numbers of unsynced ones lost with the page cache
+    were never seen by anyone: the meta file's counter covers only what was synced."""
+    j = Journal(tmp_path, "g", 4096)
+    fill(j, 4)
+    j.sync()
+    fill(j, 6)          # 5..10, never synced
+    j.mark_applied(2)   # the meta file says counter 5, not 11
+    crash(j)
+    patch(tmp_path / "g.journal", 4 * REC, bytes(6 * REC))  # seq 5..10 vanish (power loss)
+    j = Journal(tmp_path, "g", 4096)
+    assert (j.last_recovery.lost_entries, j.stored, j.counter) == (0, 4, 5)
+    assert j.append("v", 0, b"x") == 5
     j.close()
 
 

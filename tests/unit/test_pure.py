@@ -1,16 +1,15 @@
 """Unit tests of the pure pieces: wire encoding, region maps, state tables, ordered apply."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from replicator import states, wire
-from replicator.applier import OrderedApplier
+from replicator import wire
 from replicator.cluster import parse_size, parse_volume
+from replicator.core import tables as T
+from replicator.core.applier import OrderedApplier
+from replicator.core.bitmap import Bitmap
 from replicator.errors import IntegrityError, NotFound, ProtocolError, StateError, UsageError
-from replicator.regionmap import RegionCursor, RegionMap
 
 
 # ---------------------------------------------------------------- wire
@@ -45,101 +44,63 @@ def test_error_reply_raises_same_class():
 
 
 # ---------------------------------------------------------------- region map
-def test_regionmap_ranges_and_persistence(tmp_path):
-    path = tmp_path / "d.bitmap"
-    m = RegionMap(10 << 20, 1 << 20, path)
+def test_bitmap_ranges_and_changes():
+    m = Bitmap(10 << 20, 1 << 20)
     assert m.nregions == 10 and m.count() == 0
-    assert m.set_range(1 << 20, 1) is True
-    assert m.set_range((1 << 20) + 5, 10) is False
-    assert m.set_range((3 << 20) - 1, 2) is True  # spans regions 2 and 3
+    assert m.set_range(1 << 20, 1) is not None
+    assert m.set_range((1 << 20) + 5, 10) is None           # nothing changed: nothing to persist
+    change = m.set_range((3 << 20) - 1, 2)                  # spans regions 2 and 3
+    assert change is not None and change.first == 0 and change.data == m.to_bytes()[:1]
     assert list(m.iter_set()) == [1, 2, 3]
     assert m.any_set(2 << 20, 4096) and not m.any_set(5 << 20, 4096)
     m.clear(2)
-    m.close()
-    again = RegionMap(10 << 20, 1 << 20, path)
+    again = Bitmap(10 << 20, 1 << 20, m.to_bytes())
     assert list(again.iter_set()) == [1, 3]
-    assert again.first_set() == 1 and again.first_clear() == 0
-    assert again.extent(9) == (9 << 20, 1 << 20)
+    assert m.dirty_bytes() == 2 << 20
 
 
-def test_regionmap_short_last_region(tmp_path):
-    m = RegionMap((2 << 20) + 512, 1 << 20)
-    assert m.nregions == 3 and m.extent(2) == (2 << 20, 512)
-    m.set_all()
-    assert m.dirty_bytes() == (2 << 20) + 512
-
-
-def test_regionmap_corrupt_file_is_reported(tmp_path):
-    path = tmp_path / "d.bitmap"
-    path.write_bytes(b"garbage")
+def test_bitmap_short_last_region_and_merge():
+    m = Bitmap((2 << 20) + 4096, 1 << 20)
+    assert m.nregions == 3 and m.extent(2) == (2 << 20, 4096)
+    m.set(2)
+    assert m.dirty_bytes() == 4096
+    other = Bitmap((2 << 20) + 4096, 1 << 20)
+    other.set(0)
+    m.merge(other.to_bytes())
+    assert list(m.iter_set()) == [0, 2]
     with pytest.raises(IntegrityError):
-        RegionMap(1 << 20, 1 << 20, path)
-    RegionMap(4 << 20, 1 << 20, tmp_path / "ok.bitmap").close()
-    with pytest.raises(IntegrityError):
-        RegionMap(8 << 20, 1 << 20, tmp_path / "ok.bitmap")
-
-
-def test_regionmap_merge():
-    a, b = RegionMap(8 << 20), RegionMap(8 << 20)
-    a.set(1)
-    b.set(5)
-    a.merge(b.to_bytes())
-    assert list(a.iter_set()) == [1, 5]
-
-
-# ---------------------------------------------------------------- state tables
-def test_regionmap_concurrent_sets_all_reach_the_file(tmp_path):
-    """Bits sharing one byte, set from many threads: the file holds every one of them."""
-    path = tmp_path / "m.bitmap"
-    m = RegionMap(64 << 20, 1 << 20, path)
-    threads = [threading.Thread(target=lambda r=r: [m.set(x) for x in range(r, 64, 8)]) for r in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert RegionMap(64 << 20, 1 << 20, path).all_set()
-
-
-def test_region_cursor_hands_each_clear_region_to_one_stream():
-    m = RegionMap(6 << 20, 1 << 20)
-    m.set(1)
-    c = RegionCursor(m)
-    a, b, d = c.take(), c.take(), c.take()
-    assert (a, b, d) == (0, 2, 3)
-    c.release(b)                      # given back without copying: comes round again
-    m.set(a)
-    c.release(a)
-    assert [c.take(), c.take(), c.take()] == [4, 5, 2]
-    assert c.take() is None           # 3, 4, 5 and 2 are held by other streams
-    for r in (3, 4, 5, 2):
-        m.set(r)
-        c.release(r)
-    assert c.take() is None and m.all_set()
+        Bitmap(64 << 20, 1 << 20, b"\x01")
 
 
 def test_rw_mode_only_moves_forward():
-    mode = states.NORMAL
-    for nxt in (states.THROUGH, states.PENDING, states.MIGRATING, states.NORMAL):
-        mode = states.rw_transition(mode, nxt)
+    v = type("V", (), {"rw_mode": T.NORMAL})()
+    for nxt in (T.THROUGH, T.PENDING, T.MIGRATING, T.NORMAL):
+        T.go(T.RW_MODE, v, nxt)
+    v.rw_mode = T.MIGRATING
     with pytest.raises(StateError, match="'migrating'"):
-        states.rw_transition(states.MIGRATING, states.PENDING)
+        T.go(T.RW_MODE, v, T.PENDING)
+    v.rw_mode = T.NORMAL
     with pytest.raises(StateError):
-        states.rw_transition(states.NORMAL, states.MIGRATING)
+        T.go(T.RW_MODE, v, T.MIGRATING)
 
 
 def test_pair_transitions():
-    assert states.pair_transition(states.COPYING, states.DUPLEX) == states.DUPLEX
-    with pytest.raises(StateError):
-        states.pair_transition(states.SUSPENDED, states.DUPLEX)
+    v = type("V", (), {"pair_state": T.COPYING})()
+    assert T.go(T.PAIR_STATE, v, T.DUPLEX) and v.pair_state == T.DUPLEX
+    v.pair_state = T.SUSPENDED
+    with pytest.raises(StateError, match="from 'suspended' to 'duplex'"):
+        T.go(T.PAIR_STATE, v, T.DUPLEX)
 
 
 def test_copy_source_valid():
-    assert states.source_accepted("1", 1) and not states.source_accepted("1", 2)
-    assert states.source_accepted("transitional", 1) and states.source_accepted("transitional", 2)
-    assert states.source_accepted("2", 2) and not states.source_accepted("2", 1)
-    assert states.valid_transition("1", "transitional") == "transitional"
+    assert T.source_accepted("1", 1) and not T.source_accepted("1", 2)
+    assert T.source_accepted("transitional", 1) and T.source_accepted("transitional", 2)
+    assert T.source_accepted("2", 2) and not T.source_accepted("2", 1)
+    assert T.COPY_SOURCE_VALID.check("1", "transitional") == "transitional"
     with pytest.raises(StateError):
-        states.valid_transition("2", "transitional")
+        T.COPY_SOURCE_VALID.check("2", "transitional")
+    with pytest.raises(StateError):          # invariant 16: V2 alone only after transitional (async)
+        T.COPY_SOURCE_VALID.check("transitional", "1")
 
 
 # ---------------------------------------------------------------- ordered apply
@@ -230,24 +191,6 @@ def test_every_error_class_maps_to_an_errno():
     assert set(errors.BY_NAME.values()) == set(classes)
     for cls in classes:
         assert cls.errno in errno_mod.errorcode, cls
-
-
-def test_activity_log_marks_durably_and_retires_idle_regions(tmp_path):
-    from replicator.activity import ActivityLog
-    path = tmp_path / "a.bitmap"
-    al = ActivityLog(RegionMap(8 << 20, 1 << 20, path))
-    with al.track(1 << 20, 4096):
-        assert RegionMap(8 << 20, 1 << 20, path).is_set(1)   # on disk before the write runs
-        with al.track((1 << 20) + 8192, 4096):
-            pass
-        assert al.retire_idle() == 0                          # region 1 still busy
-    assert al.retire_idle() == 1 and not al.map.count()
-    with al.track(5 << 20, 4096):
-        pass                                                  # a crash leaves region 5 marked
-    diff = RegionMap(8 << 20, 1 << 20)
-    assert ActivityLog(RegionMap(8 << 20, 1 << 20, path)).move_to(diff) == 1
-    assert list(diff.iter_set()) == [5]
-    assert RegionMap(8 << 20, 1 << 20, path).count() == 0
 
 
 def test_timeline_phase_spans_and_fio_log(tmp_path):

@@ -1,42 +1,65 @@
-"""When a primary frees applied journal space (SourceGroup.should_discard): pure logic."""
+"""When a primary frees applied journal space, and what a full journal does (core/source_group.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from replicator import wire
+from replicator.core import effects as E
+from replicator.core import tables as T
 
-from replicator.primary import DISCARD_EVERY_S, SourceGroup
-
-
-@dataclass
-class FakeJournal:
-    stored: int
-    used_bytes: int
-    capacity_bytes: int = 1000
+from .core_harness import Harness
+from .test_core import SIZE, block, primary, pump
 
 
-def group(stored: int, used: int, last_discard: float) -> SourceGroup:
-    g = SourceGroup("g", FakeJournal(stored, used))  # type: ignore[arg-type]
-    g.last_discard = last_discard
-    return g
+def discards(h: Harness) -> list[int]:
+    return [e.through for e in h.trace if isinstance(e, E.JournalDiscard)]
 
 
-def test_discards_at_once_when_the_secondary_has_everything() -> None:
-    assert group(stored=10, used=100, last_discard=5.0).should_discard(10, now=5.0)
-
-
-def test_defers_under_load_until_the_interval_passed() -> None:
-    g = group(stored=50, used=100, last_discard=5.0)
-    assert not g.should_discard(40, now=5.0 + DISCARD_EVERY_S / 2)
-    assert g.should_discard(40, now=5.0 + DISCARD_EVERY_S * 1.01)
-
-
-def test_discards_at_once_when_the_journal_is_half_full() -> None:
-    assert group(stored=50, used=500, last_discard=5.0).should_discard(40, now=5.0)
+def test_frees_nothing_the_secondary_has_not_applied() -> None:
+    h = primary("async")
+    for i in range(3):
+        h.write("v1", i * 512, block("a"))
+    pump(h, 3, applied=0)
+    assert not discards(h)
+    pump(h, 3, applied=2)
+    assert discards(h)[-1] == 2
 
 
 def test_never_frees_an_entry_whose_volume_write_is_still_running() -> None:
-    g = group(stored=50, used=100, last_discard=5.0)
-    g.writing = {42, 45}
-    assert g.discardable(48) == 41
+    h = primary("async")
+    g = h.core.primary.groups["v1"]
+    g.stored, g.applied = 50, 48
+    g.writing = {42: 1, 45: 1}
+    assert g.discardable() == 41
     g.writing.clear()
-    assert g.discardable(48) == 48
-    assert g.discardable(60) == 50  # never past what is stored
+    g.applied = 60
+    assert g.discardable() == 50      # never past what is stored
+
+
+def test_defers_discards_under_load_to_save_meta_writes() -> None:
+    h = primary("async")
+    for i in range(6):
+        h.write("v1", i * 512, block("b"))
+    pump(h, 1, applied=1)
+    first = len(discards(h))
+    h.core.primary.groups["v1"].last_discard = h.now
+    for c in h.pending("journal.push"):
+        h.answer(c, wire.ok(applied=2, incarnation="b#1"))
+    assert len(discards(h)) == first      # within discard_every_s of the last one: later
+
+
+def test_a_full_journal_folds_into_the_bitmap_and_the_host_never_fails() -> None:
+    h = Harness("site-a1")
+    h.ok("volume.create", name="v1", size=SIZE)
+    h.request("pair.create", volume="v1", mode="async", journal_bytes=3 * (512 + 40),
+              secondary={"node": "site-b", "control": "site-b", "volume": "v3"})
+    h.answer(h.pending("pair.join")[0], wire.ok())
+    from .test_core import finish_copy
+    finish_copy(h)
+    reqs = [h.write("v1", i * 512, block("f")) for i in range(6)]   # the secondary applies nothing
+    assert all(r in h.host and h.host[r].error is None for r in reqs)
+    v = h.core.volumes["v1"]
+    assert v.info.pair_state == T.SUSPENDED and v.info.suspend_reason == "journal full"
+    assert v.diff.any_set(0, 6 * 512)
+    i_bits = max(i for i, e in enumerate(h.trace) if isinstance(e, E.BitmapSync) and e.kind == "diff")
+    i_drop = max(i for i, e in enumerate(h.trace) if isinstance(e, E.JournalDiscard))
+    i_save = max(i for i, e in enumerate(h.trace[:i_drop]) if isinstance(e, E.SaveMgmt))
+    assert i_bits < i_save < i_drop        # bits, then "suspended", durably, before any entry goes

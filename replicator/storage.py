@@ -1,0 +1,279 @@
+"""The files of one storage node: what the core's storage effects do on a real disk.
+
+    STATE/node.json                    management information (replaced atomically)
+    STATE/volumes/NAME.img             a volume (sparse file)
+    STATE/volumes/NAME.KIND.bitmap     diff / migrated / activity bitmap: 32-byte header, then bits
+    STATE/journals/GROUP.journal|.meta a source group's journal (journal/FORMAT.md)
+    STATE/journals/GROUP.applied       a secondary group's applied pointer: two checksummed slots
+    STATE/boot_id, STATE/clean         the machine's boot id at start; present after a clean stop
+
+No rule lives here: ``run(effect)`` does exactly what the effect says, and
+``load()`` reads back what is on disk for the core's ``Boot``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+from journal import Journal
+
+from .core import effects as E
+from .core.node import BootState, JournalState
+from .errors import IntegrityError, RangeNotStored, RcopyError
+from .files import atomic_write, fsync_dir
+from .volume import VolumeStore
+
+BITMAP_MAGIC = b"RCBM"
+_BITMAP_HEADER = struct.Struct("<4sIQQQ")      # magic, version, nregions, region_bytes, size_bytes
+BITMAP_HEADER_BYTES = 32
+_APPLIED = struct.Struct("<QQQI")              # record number, applied, applying, crc32 of the rest
+APPLIED_SLOT = 64
+KINDS = ("diff", "migrated", "activity")
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class NodeStorage:
+    """Carries out storage effects in one node's state directory."""
+
+    def __init__(self, state_dir: Path, region_bytes: int) -> None:
+        self.dir = Path(state_dir)
+        self.region_bytes = region_bytes
+        self.vdir = self.dir / "volumes"
+        self.jdir = self.dir / "journals"
+        self.vdir.mkdir(parents=True, exist_ok=True)
+        self.jdir.mkdir(parents=True, exist_ok=True)
+        self.mgmt_path = self.dir / "node.json"
+        self._lock = threading.Lock()
+        self.stores: dict[str, VolumeStore] = {}
+        self.bitmaps: dict[tuple[str, str], int] = {}
+        self.journals: dict[str, Journal] = {}
+        self.applied: dict[str, tuple[int, int]] = {}   # fd, next record number
+        self._sizes: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ start and stop
+    def load(self, incarnation: str) -> BootState:
+        mgmt = None
+        if self.mgmt_path.exists():
+            try:
+                mgmt = json.loads(self.mgmt_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise IntegrityError(f"management information {self.mgmt_path} is corrupt ({exc}); "
+                                     f"restore it from a backup") from None
+        st = BootState(mgmt=mgmt, incarnation=incarnation)
+        for name, info in (mgmt or {}).get("volumes", {}).items():
+            self._open_volume(name, int(info["size"]))
+            for kind in KINDS:
+                st.bitmaps[(name, kind)] = self._load_bitmap(name, kind, int(info["size"]))
+        for name, info in (mgmt or {}).get("source_groups", {}).items():
+            j = Journal(self.jdir, name, int(info["journal_bytes"]))
+            self.journals[name] = j
+            st.journals[name] = JournalState(**j.state())
+        for name in (mgmt or {}).get("dest_groups", {}):
+            st.applied[name] = self._load_applied(name)
+        marker = self.dir / "clean"
+        st.clean = marker.exists()
+        old_boot = (self.dir / "boot_id").read_text().strip() if (self.dir / "boot_id").exists() else ""
+        now_boot = boot_id()
+        st.power_lost = bool(mgmt) and bool(old_boot) and old_boot != now_boot
+        atomic_write(self.dir / "boot_id", (now_boot + "\n").encode())
+        marker.unlink(missing_ok=True)
+        fsync_dir(self.dir)
+        return st
+
+    def stop(self, clean: bool) -> None:
+        """Flush and close everything; mark the stop clean (nothing was in flight)."""
+        for store in self.stores.values():
+            store.flush()
+        for j in self.journals.values():
+            j.close()
+        for fd in self.bitmaps.values():
+            os.fdatasync(fd)
+            os.close(fd)
+        for fd, _ in self.applied.values():
+            os.close(fd)
+        for store in self.stores.values():
+            store.close()
+        if clean:
+            atomic_write(self.dir / "clean", b"clean\n")
+
+    # ------------------------------------------------------------------ effects
+    def run(self, eff: Any) -> Any:
+        try:
+            return self._run(eff)
+        except RcopyError:
+            raise
+        except OSError as exc:
+            raise IntegrityError(f"{type(eff).__name__} failed: {exc}") from None
+
+    def _run(self, eff: Any) -> Any:
+        if isinstance(eff, E.VolWrite):
+            self.stores[eff.volume].write(eff.offset, eff.data)
+        elif isinstance(eff, E.VolRead):
+            store = self.stores[eff.volume]
+            if eff.sparse and store.is_hole(eff.offset, eff.length):
+                return None
+            return store.read(eff.offset, eff.length)
+        elif isinstance(eff, E.VolSync):
+            self.stores[eff.volume].flush()
+        elif isinstance(eff, E.VolZero):
+            self.stores[eff.volume].zero(eff.offset, eff.length)
+        elif isinstance(eff, E.BitmapPut):
+            os.pwrite(self.bitmaps[(eff.volume, eff.kind)], eff.data, BITMAP_HEADER_BYTES + eff.first)
+        elif isinstance(eff, E.BitmapSync):
+            os.fdatasync(self.bitmaps[(eff.volume, eff.kind)])
+        elif isinstance(eff, E.JournalAppend):
+            self.journals[eff.group].append_numbered(eff.entries)
+        elif isinstance(eff, E.JournalSync):
+            self.journals[eff.group].sync()
+        elif isinstance(eff, E.JournalRead):
+            j = self.journals[eff.group]
+            out = j.read(eff.first, max_bytes=1 << 62, max_entries=eff.last - eff.first + 1)
+            if not out or out[-1].seq != eff.last:
+                raise RangeNotStored(f"journal {eff.group}: {eff.first}..{eff.last} not all stored")
+            return [E.JEntry(x.seq, x.volume, x.offset, x.data) for x in out]
+        elif isinstance(eff, E.JournalDiscard):
+            self.journals[eff.group].discard(eff.through)
+        elif isinstance(eff, E.JournalCreate):
+            self._create_journal(eff)
+        elif isinstance(eff, E.JournalDelete):
+            j = self.journals.pop(eff.group, None)
+            if j is not None:
+                j.close()
+            for suffix in (".journal", ".meta"):
+                (self.jdir / f"{eff.group}{suffix}").unlink(missing_ok=True)
+        elif isinstance(eff, E.SaveMgmt):
+            atomic_write(self.mgmt_path, json.dumps(eff.record, indent=1, sort_keys=True).encode())
+        elif isinstance(eff, E.SaveApplied):
+            self._save_applied(eff.group, eff.applied, eff.applying)
+        elif isinstance(eff, E.VolHash):
+            return self._hash(eff.volume, eff.chunk)
+        elif isinstance(eff, E.VolCreate):
+            self._create_volume(eff.volume, eff.size)
+        elif isinstance(eff, E.VolDelete):
+            self._delete_volume(eff.volume)
+        else:
+            raise TypeError(f"not a storage effect: {eff!r}")
+        return None
+
+    # ------------------------------------------------------------------ volumes and bitmaps
+    def _open_volume(self, name: str, size: int, create: bool = False) -> None:
+        self.stores[name] = VolumeStore(self.vdir / f"{name}.img", size, create=create)
+        self._sizes[name] = size
+
+    def _bitmap_path(self, name: str, kind: str) -> Path:
+        return self.vdir / f"{name}.{kind}.bitmap"
+
+    def _header(self, size: int) -> bytes:
+        nregions = max(1, -(-size // self.region_bytes))
+        return _BITMAP_HEADER.pack(BITMAP_MAGIC, 1, nregions, self.region_bytes, size).ljust(BITMAP_HEADER_BYTES, b"\0")
+
+    def _load_bitmap(self, name: str, kind: str, size: int) -> bytes | None:
+        """The bits, or None if the file is missing or damaged (the core then decides)."""
+        path = self._bitmap_path(name, kind)
+        nregions = max(1, -(-size // self.region_bytes))
+        nbytes = (nregions + 7) // 8
+        raw = path.read_bytes() if path.exists() else b""
+        ok = len(raw) >= BITMAP_HEADER_BYTES + nbytes and raw[:BITMAP_HEADER_BYTES] == self._header(size)
+        if not ok:
+            path.unlink(missing_ok=True)
+            self._new_bitmap(name, kind, size)
+            return None
+        self.bitmaps[(name, kind)] = os.open(path, os.O_RDWR)
+        return raw[BITMAP_HEADER_BYTES:BITMAP_HEADER_BYTES + nbytes]
+
+    def _new_bitmap(self, name: str, kind: str, size: int) -> None:
+        nregions = max(1, -(-size // self.region_bytes))
+        fd = os.open(self._bitmap_path(name, kind), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(fd, self._header(size) + bytes((nregions + 7) // 8), 0)
+        os.fdatasync(fd)
+        self.bitmaps[(name, kind)] = fd
+
+    def _create_volume(self, name: str, size: int) -> None:
+        with self._lock:
+            self._open_volume(name, size, create=True)
+            for kind in KINDS:
+                self._new_bitmap(name, kind, size)
+            self.stores[name].flush()
+            fsync_dir(self.vdir)
+
+    def _delete_volume(self, name: str) -> None:
+        with self._lock:
+            store = self.stores.pop(name, None)
+            if store is not None:
+                store.close()
+            for kind in KINDS:
+                fd = self.bitmaps.pop((name, kind), None)
+                if fd is not None:
+                    os.close(fd)
+                self._bitmap_path(name, kind).unlink(missing_ok=True)
+            (self.vdir / f"{name}.img").unlink(missing_ok=True)
+
+    def _hash(self, name: str, chunk: int) -> list[str]:
+        store, size = self.stores[name], self._sizes[name]
+        out = []
+        for off in range(0, size, chunk):
+            n = min(chunk, size - off)
+            if store.is_hole(off, n):
+                out.append("0")
+                continue
+            data = store.read(off, n)
+            out.append("0" if not any(data) else hashlib.blake2b(data, digest_size=16).hexdigest())
+        return out
+
+    # ------------------------------------------------------------------ journals and applied pointers
+    def _create_journal(self, eff: Any) -> None:
+        with self._lock:
+            old = self.journals.pop(eff.group, None)
+            if old is not None:
+                old.close()
+            for suffix in (".journal", ".meta"):
+                (self.jdir / f"{eff.group}{suffix}").unlink(missing_ok=True)
+            j = Journal(self.jdir, eff.group, eff.capacity_bytes)
+            if eff.counter > 1 or eff.head is not None:
+                j.continue_from(eff.counter, eff.head)
+            self.journals[eff.group] = j
+
+    def _applied_fd(self, group: str) -> tuple[int, int]:
+        entry = self.applied.get(group)
+        if entry is None:
+            path = self.jdir / f"{group}.applied"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            entry = (fd, 1)
+            self.applied[group] = entry
+        return entry
+
+    def _save_applied(self, group: str, applied: int, applying: int) -> None:
+        with self._lock:
+            fd, record = self._applied_fd(group)
+            body = struct.pack("<QQQ", record, applied, applying)
+            os.pwrite(fd, _APPLIED.pack(record, applied, applying, zlib.crc32(body)).ljust(APPLIED_SLOT, b"\0"),
+                      (record % 2) * APPLIED_SLOT)
+            os.fdatasync(fd)
+            self.applied[group] = (fd, record + 1)
+
+    def _load_applied(self, group: str) -> tuple[int, int]:
+        """The newest intact slot: (applied, applying); (0, 0) if there is none."""
+        fd, _ = self._applied_fd(group)
+        raw = os.pread(fd, 2 * APPLIED_SLOT, 0)
+        best = (0, 0, 0)
+        for slot in (0, 1):
+            chunk = raw[slot * APPLIED_SLOT: slot * APPLIED_SLOT + _APPLIED.size]
+            if len(chunk) < _APPLIED.size:
+                continue
+            record, applied, applying, crc = _APPLIED.unpack(chunk)
+            if crc == zlib.crc32(struct.pack("<QQQ", record, applied, applying)) and record > best[0]:
+                best = (record, applied, applying)
+        self.applied[group] = (fd, best[0] + 1)
+        return best[1], best[2]

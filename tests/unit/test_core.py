@@ -1,0 +1,340 @@
+"""The core's rules, one node at a time, with no process, file or socket (tests/unit/core_harness.py).
+
+Each of issue 12's eight defects has a test here that the old threaded code failed; planting
+the defect back into the core makes the same test fail (test_planted_defects.py).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from replicator import wire
+from replicator.core import effects as E
+from replicator.core import tables as T
+from replicator.core.journal_space import RECORD_HEADER_BYTES
+from replicator.errors import IntegrityError, NodeUnreachable, StateError
+
+from .core_harness import Harness
+
+CORE = Path(__file__).resolve().parents[2] / "replicator" / "core"
+SIZE = 32 * 1024
+B = {"node": "site-b", "control": "site-b", "volume": "v3"}
+A1 = {"node": "site-a1", "control": "site-a1", "volume": "v1"}
+A2 = {"node": "site-a2", "control": "site-a2", "volume": "v2"}
+
+
+def block(ch: str, n: int = 512) -> bytes:
+    return ch.encode() * n
+
+
+def finish_copy(h: Harness) -> None:
+    """Answer the initial copy until the pair is duplex."""
+    for _ in range(100):
+        for c in list(h.calls):
+            if c.msg.kind in ("pair.write", "pair.resync_done", "journal.push"):
+                reply = wire.ok(applied=0, incarnation="b#1") if c.msg.kind == "journal.push" else wire.ok()
+                h.answer(c, reply)
+        h.advance(0.06)
+        if h.core.volumes["v1"].info.pair_state == T.DUPLEX:
+            return
+    raise AssertionError("the initial copy did not finish")
+
+
+def primary(mode: str = "sync", **kw: object) -> Harness:
+    h = Harness("site-a1")
+    h.ok("volume.create", name="v1", size=SIZE)
+    h.request("pair.create", volume="v1", mode=mode, secondary=B, **kw)
+    h.answer(h.pending("pair.join")[0], wire.ok())
+    finish_copy(h)
+    return h
+
+
+def pump(h: Harness, rounds: int = 5, applied: int = 0) -> None:
+    """Answer every push (as a secondary that applied ``applied``) and let time pass."""
+    for _ in range(rounds):
+        for c in h.pending("journal.push"):
+            h.answer(c, wire.ok(applied=applied, incarnation="b#1"))
+        h.advance(0.06)
+
+
+def pushes(h: Harness) -> list[E.Call]:
+    return [e for e in h.trace if isinstance(e, E.Call) and e.msg.kind == "journal.push" and e.msg.fields["entries"]]
+
+
+def order(h: Harness, *preds: object) -> list[int]:
+    """Indexes in the trace of the first effect matching each predicate, in turn."""
+    out, start = [], 0
+    for pred in preds:
+        i = next(i for i in range(start, len(h.trace)) if pred(h.trace[i]))  # type: ignore[operator]
+        out.append(i)
+        start = i + 1
+    return out
+
+
+# ================================================================== the core does no I/O
+FORBIDDEN = {"threading", "socket", "zmq", "os", "time", "nbdkit", "subprocess", "select", "asyncio", "io",
+             "pathlib", "shutil", "tempfile", "multiprocessing", "queue", "signal"}
+
+
+def test_the_core_imports_nothing_that_does_io() -> None:
+    for path in CORE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                assert name.split(".")[0] not in FORBIDDEN, f"{path.name} imports {name}"
+
+
+def test_state_variables_change_only_through_their_tables() -> None:
+    attrs = {t.attr for t in (T.PAIR_STATE, T.RW_MODE, T.COPY_SOURCE_VALID, T.PHASE, T.RUN_STATE, T.SOURCE_STAGE)}
+    for path in CORE.glob("*.py"):
+        if path.name == "tables.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                for sub in ast.walk(t):
+                    if isinstance(sub, ast.Attribute) and sub.attr in attrs:
+                        pytest.fail(f"{path.name}:{node.lineno} assigns .{sub.attr} outside tables.go")
+
+
+def test_ring_space_header_matches_the_journal_format() -> None:
+    from journal.entry import HEADER_SIZE
+    assert RECORD_HEADER_BYTES == HEADER_SIZE
+
+
+def test_the_phase_table_says_what_each_phase_does() -> None:
+    assert [p.name for p in T.PHASES] == [T.THROUGH, T.PENDING, T.TRANSITIONAL, T.MIGRATING, T.DONE]
+    for p in T.PHASES:
+        assert p.rw_mode in T.RW_MODE.transitions and p.host_io and p.source and p.valid
+
+
+# ================================================================== defect 4: sync writes and errors
+def test_defect4_any_secondary_error_suspends_and_tracks_before_the_ack() -> None:
+    h = primary("sync")
+    req = h.write("v1", 4096, block("x"))
+    call = h.pending("pair.write")[0]
+    h.answer(call, wire.error_reply(IntegrityError("No space left on device (site-b)")))
+    assert req in h.host and h.host[req].error is None           # the host write succeeds ...
+    v = h.core.volumes["v1"]
+    assert v.info.pair_state == T.SUSPENDED and v.diff.any_set(4096, 512)   # ... tracked, suspended
+    done = h.trace.index(h.host[req])
+    synced = max(i for i, e in enumerate(h.trace[:done]) if isinstance(e, E.BitmapSync) and e.kind == "diff")
+    saved = max(i for i, e in enumerate(h.trace[:done]) if isinstance(e, E.SaveMgmt))
+    assert synced < done and saved < done                          # both durable first
+
+
+# ================================================================== defect 2: durability before reports
+def test_defect2_push_sends_only_entries_that_are_durable() -> None:
+    h = primary("async")
+    pump(h)
+    h.write("v1", 0, block("a"))
+    pump(h)
+    push = pushes(h)[0]
+    i_push = h.trace.index(push)
+    assert any(isinstance(e, E.JournalSync) for e in h.trace[:i_push])
+    i_append = next(i for i, e in enumerate(h.trace) if isinstance(e, E.JournalAppend))
+    i_sync = next(i for i, e in enumerate(h.trace) if isinstance(e, E.JournalSync) and i > i_append)
+    assert i_append < i_sync < i_push
+
+
+def secondary() -> Harness:
+    h = Harness("site-b")
+    h.ok("volume.create", name="v3", size=SIZE)
+    h.ok("pair.join", volume="v3", source=A1, size=SIZE, mode="async", group="g", next_seq=1, epoch=0)
+    return h
+
+
+def test_defect2_applied_is_reported_only_once_data_and_pointer_are_durable() -> None:
+    h = secondary()
+    first = h.ok("journal.push", [block("a"), block("b")], group="g", source="site-a1",
+                 entries=[[1, "v1", 0, 512], [2, "v1", 512, 512]])
+    assert first["applied"] == 0
+    again = h.ok("journal.push", [], group="g", source="site-a1", entries=[])
+    assert again["applied"] == 2
+    reply = next(e for e in reversed(h.trace) if isinstance(e, E.Reply) and e.msg.fields.get("applied") == 2)
+    i_reply = h.trace.index(reply)
+    i_write, i_sync, i_record = order(h, lambda e: isinstance(e, E.VolWrite) and e.volume == "v3",
+                                      lambda e: isinstance(e, E.VolSync) and e.volume == "v3",
+                                      lambda e: isinstance(e, E.SaveApplied) and e.applied == 2)
+    assert i_write < i_sync < i_record < i_reply
+
+
+def test_defect2_a_resync_never_moves_the_applied_pointer_back() -> None:
+    h = secondary()
+    h.ok("journal.push", [block("a")], group="g", source="site-a1", entries=[[1, "v1", 0, 512]])
+    h.ok("journal.push", [], group="g", source="site-a1", entries=[])
+    reply = h.request("pair.resync_begin", group="g", next_seq=1, source="site-a1", epoch=1)
+    with pytest.raises(StateError, match="back"):
+        wire.raise_if_error(reply)
+
+
+# ================================================================== defect 6: the handover's edges
+def test_defect6_a_resync_from_a_source_that_is_not_valid_is_refused() -> None:
+    h = secondary()
+    h.ok("mig.add_source", volume="v3", source=A2)
+    reply = h.request("pair.resync_begin", group="g", next_seq=5, source="site-a2", epoch=1)
+    with pytest.raises(StateError, match="does not accept"):
+        wire.raise_if_error(reply)
+
+
+def source_ready(mode: str = "sync") -> Harness:
+    h = primary(mode)
+    h.ok("mig.prepare_source", volume="v1", target=A2, id="m")
+    return h
+
+
+def test_defect6_the_handover_waits_for_a_write_already_admitted() -> None:
+    h = source_ready("sync")
+    req = h.write("v1", 0, block("w"))                          # waiting for V3
+    handover = h.request("mig.handover", volumes=["v1"], target="site-a2", id="m", attempt="x/1")
+    assert handover is None                                       # no snapshot while it is in flight
+    late = h.write("v1", 512, block("l"))                          # admitted after the freeze: refused
+    assert isinstance(h.host[late].error, StateError)
+    h.answer(h.pending("pair.write")[0], wire.ok())
+    assert h.host[req].error is None
+    snapshot = next(r for r in h.replies.values() if "members" in r.fields)
+    assert snapshot.fields["members"][0]["pair_state"] == T.DUPLEX
+
+
+def test_defect6_a_frozen_source_never_resumes_its_pair_by_itself() -> None:
+    h = source_ready("async")
+    h.ok("pair.suspend", volume="v1")
+    h.ok("mig.handover", volumes=["v1"], target="site-a2", id="m", attempt="x/1")
+    for c in list(h.calls):
+        h.answer(c, wire.ok(applied=0, incarnation="b#1"))
+    h.advance(3.0)
+    for c in list(h.calls):
+        if c.msg.kind == "ping":
+            h.answer(c, wire.ok())
+    h.advance(3.0)
+    assert not any(isinstance(e, E.Call) and e.msg.kind == "pair.resync_begin" for e in h.trace)
+
+
+# ================================================================== defect 1: a handover that fails
+def target(mode: str = "sync") -> Harness:
+    h = Harness("site-a2")
+    h.ok("volume.create", name="v2", size=SIZE)
+    h.ok("mig.prepare_target", id="m", group="v1", members=[{"target": "v2", "size": SIZE, "source": A1,
+                                                              "secondary": B}])
+    return h
+
+
+def test_defect1_a_failed_handover_goes_back_to_through_and_can_be_resumed() -> None:
+    h = target()
+    h.ok("mig.start", id="m")
+    req = h.write("v2", 0, block("p"))                            # held in PENDING
+    assert req not in h.host
+    for _ in range(200):                                          # V1 never answers
+        for c in h.pending("mig.handover"):
+            h.answer(c, NodeUnreachable("no answer from site-a1"))
+        h.advance(0.05)
+        if h.pending("volume.write"):
+            break
+    v = h.core.volumes["v2"]
+    tm = h.core.migrations["m"]
+    assert (tm.phase, tm.state, v.info.rw_mode) == (T.THROUGH, T.FAILED, T.THROUGH)
+    assert h.pending("mig.thaw")                                  # V1 is told to take writes again
+    relay = h.pending("volume.write")[0]                          # the held write now goes to V1
+    h.answer(relay, wire.ok())
+    assert h.host[req].error is None
+    for c in h.pending("mig.thaw"):
+        h.answer(c, wire.ok())
+    h.ok("mig.start", id="m")                                     # rcopy migrate --resume
+    assert (tm.state, tm.phase) == (T.RUNNING, T.PENDING) and h.pending("mig.handover")
+
+
+# ================================================================== defect 3: background tasks
+def test_defect3_a_background_task_that_fails_is_restarted_and_reported() -> None:
+    h = primary("async")
+    pump(h)
+    h.write("v1", 0, block("a"))
+    real = h.world.storage
+    broken = {"n": 0}
+
+    def storage(d, eff):  # noqa: ANN001
+        if isinstance(eff, E.JournalRead) and broken["n"] < 1:
+            broken["n"] += 1
+            raise IntegrityError("journal g: entry 1 is corrupt")
+        return real(d, eff)
+    h.world.storage = storage  # type: ignore[method-assign]
+    pump(h, 2)
+    assert broken["n"] == 1 and "IntegrityError" in h.core.task_errors.get("push-v1", "")
+    assert h.core.status()["task_errors"]                         # it shows
+    pump(h, 10)
+    assert pushes(h), "the push loop must come back after the failure"
+
+
+# ================================================================== defect 7: bounded memory
+def test_defect7_lag_samples_stay_bounded() -> None:
+    h = primary("async")
+    for i in range(400):
+        h.write("v1", (i % 60) * 512, block("z"))
+        h.advance(0.006)
+        for c in list(h.calls):
+            if c.msg.kind == "journal.push":
+                h.answer(c, NodeUnreachable("slow secondary"))
+    g = h.core.primary.groups["v1"]
+    assert len(g.lag) <= h.core.cfg.lag_samples_max
+
+
+# ================================================================== defect 8: dual write
+def migrating_target() -> Harness:
+    h = Harness("site-a2")
+    h.ok("volume.create", name="v2", size=SIZE)
+    h.ok("mig.prepare_target", id="m", group="v1", dual_write=True,
+         members=[{"target": "v2", "size": SIZE, "source": A1, "secondary": B}])
+    h.ok("mig.start", id="m")
+    handover = h.pending("mig.handover")[0]
+    h.answer(handover, wire.ok(handover_seq=0, journal={}, members=[{
+        "volume": "v1", "mode": "sync", "group": "v1", "transfer": "push", "pair_state": "duplex",
+        "suspend_reason": "", "auto_resume": True, "copy_epoch": 0, "diff_bitmap": "00"}]))
+    for c in h.pending("mig.set_valid"):
+        h.answer(c, wire.ok())
+    assert h.core.volumes["v2"].info.rw_mode == T.MIGRATING
+    return h
+
+
+def test_defect8_dual_write_happens_in_order_before_the_ack_and_a_failure_is_recorded() -> None:
+    h = migrating_target()
+    req = h.write("v2", 0, block("d"))
+    fetch = h.pending("mig.fetch")[0]                             # region 0 comes from V1 first
+    h.answer(fetch, wire.ok([bytes(4096)], zero=0))
+    h.answer(h.pending("pair.write")[0], wire.ok())
+    dual = h.pending("mig.dual_write")[0]
+    assert req not in h.host                                      # not acknowledged before V1 has it
+    h.answer(dual, NodeUnreachable("site-a1 is down"))
+    assert h.host[req].error is None
+    assert "missed a write" in h.core.migrations["m"].dual_write_lost
+    h.write("v2", 512, block("e"))
+    h.answer(h.pending("pair.write")[0], wire.ok())
+    assert not h.pending("mig.dual_write")                        # the fallback is gone, said so
+
+
+def test_defect2_a_fetched_region_is_durable_before_its_migrated_bit() -> None:
+    h = migrating_target()
+    h.write("v2", 0, block("d"))
+    h.answer(h.pending("mig.fetch")[0], wire.ok([b"o" * 4096], zero=0))
+    i_write, i_sync, i_bit, i_bitsync = order(
+        h, lambda e: isinstance(e, E.VolWrite) and e.volume == "v2",
+        lambda e: isinstance(e, E.VolSync) and e.volume == "v2",
+        lambda e: isinstance(e, E.BitmapPut) and e.kind == "migrated",
+        lambda e: isinstance(e, E.BitmapSync) and e.kind == "migrated")
+    assert i_write < i_sync < i_bit < i_bitsync
+
+
+def test_defect2_a_damaged_migrated_bitmap_stops_the_migration_instead_of_guessing() -> None:
+    from replicator.core.node import BootState
+    h = migrating_target()
+    record = h.core.record()
+    st = BootState(mgmt=record, bitmaps={("v2", "diff"): bytes(1), ("v2", "migrated"): None,
+                                         ("v2", "activity"): bytes(1)}, incarnation="a2#2")
+    again = Harness("site-a2", boot=st)
+    tm = again.core.migrations["m"]
+    assert tm.state == T.FAILED and "damaged" in tm.error
+    req = again.write("v2", 0, block("x"))
+    assert isinstance(again.host[req].error, StateError)
