@@ -167,7 +167,8 @@ class Terminal:
         primary = pair["primary"]
 
         def drained(p: dict[str, Any]) -> bool:
-            if p["state"] == "suspended":
+            if p["state"] == "suspended" and (p.get("suspend_reason") == "suspended by user"
+                                              or not p.get("auto_resume", True)):
                 raise StateError(f"pair {primary} is suspended ({p.get('suspend_reason')}); "
                                  f"resume it (rcopy pair resume {primary}) or use --no-wait")
             return (p["state"] == "duplex" and p["lag_writes"] == 0 and p["lag_bytes"] == 0

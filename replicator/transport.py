@@ -63,13 +63,15 @@ class _Wake:
             self._push.send(b"", zmq.NOBLOCK)
 
     def drain(self) -> None:
-        with self._lock:
-            self._pending = False
+        """Consume the wake-ups, then re-arm; the caller looks at its queue after this, so work
+        queued by a wake-up that found the flag still set is not missed."""
         try:
             while True:
                 self.pull.recv(zmq.NOBLOCK)
         except zmq.Again:
             pass
+        with self._lock:
+            self._pending = False
 
     def close(self) -> None:
         self._push.close(0)

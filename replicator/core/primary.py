@@ -388,8 +388,11 @@ class PrimarySide:
 
     def _resumer(self) -> Generator[Any, Any, None]:
         """A pair suspended by a link failure resynchronises once the secondary answers."""
+        first = True
         while True:
-            yield Sleep(self.core.cfg.resume_check_s)
+            if not first:
+                yield Sleep(self.core.cfg.resume_check_s)
+            first = False
             seen: set[str] = set()
             for v in list(self.core.volumes.values()):
                 info = v.info
