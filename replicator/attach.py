@@ -1,7 +1,9 @@
 """Attach a virtual volume as a local block device, and detach it.
 
-Where the kernel has the nbd module, ``nbd-client`` gives ``/dev/nbdN``. Where it
-has not (these machines), ``nbdfuse`` exposes the export as a file on a FUSE
+Where the kernel has the nbd module, ``nbd-client`` gives ``/dev/nbdN`` (Unix
+socket or TCP exports without TLS; a request the server does not answer within
+``NBD_CLIENT_TIMEOUT_S`` fails with EIO instead of hanging the host). Where it
+has not (these machines), or for TLS exports, ``nbdfuse`` exposes the export as a file on a FUSE
 mount and ``losetup --direct-io=on`` turns that file into ``/dev/loopN`` (direct
 I/O: about 3x the IOPS of a buffered loop device here). Each attachment is
 recorded in ``WORKDIR/attach/NAME.json`` so ``detach`` can undo exactly it; only
@@ -35,6 +37,9 @@ def _run(*args: str, timeout: float = 60) -> str:
     return r.stdout.strip()
 
 
+NBD_CLIENT_TIMEOUT_S = 60
+
+
 def kernel_nbd_available() -> bool:
     return Path("/dev/nbd0").exists() and shutil.which("nbd-client") is not None
 
@@ -49,9 +54,10 @@ def attach(name: str, uri: str, workdir: Path) -> str:
     rec_path.parent.mkdir(parents=True, exist_ok=True)
     rec: dict[str, Any] = {"name": name, "uri": uri}
     try:
-        if kernel_nbd_available() and uri.startswith("nbd+unix://"):
+        server = _nbd_client_server(uri) if kernel_nbd_available() else None
+        if server is not None:
             rec["method"] = "nbd-client"
-            rec["device"] = _attach_nbd_client(name, uri.split("socket=", 1)[1])
+            rec["device"] = _attach_nbd_client(name, server)
         else:
             rec["method"] = "nbdfuse"
             _attach_nbdfuse(name, uri, workdir, rec)
@@ -62,15 +68,30 @@ def attach(name: str, uri: str, workdir: Path) -> str:
     return rec["device"]
 
 
-def _attach_nbd_client(name: str, endpoint: str) -> str:
+def _nbd_client_server(uri: str) -> list[str] | None:
+    """nbd-client's arguments naming the server of ``uri``, or None if it cannot reach it
+    (TLS with a PSK: nbd-client only does certificates)."""
+    from urllib.parse import urlsplit
+    if uri.startswith("nbd+unix://"):
+        return ["-unix", uri.split("socket=", 1)[1]]
+    if uri.startswith("nbd://"):
+        parts = urlsplit(uri)
+        return [parts.hostname or "localhost", str(parts.port or 10809)]
+    return None
+
+
+def _attach_nbd_client(name: str, server: list[str]) -> str:
     for i in range(16):
         dev = f"/dev/nbd{i}"
         if not Path(dev).exists():
             break
         if Path(f"/sys/block/nbd{i}/pid").exists():
             continue  # in use
-        args = ["nbd-client", "-N", name, "-unix", endpoint, dev]
-        _run(*args)
+        if server[0] == "-unix":
+            args = ["nbd-client", "-N", name, *server, dev]
+        else:  # nbd-client HOST PORT DEVICE
+            args = ["nbd-client", server[0], server[1], dev, "-N", name]
+        _run(*args, "-b", "4096", "-t", str(NBD_CLIENT_TIMEOUT_S))
         return dev
     raise RcopyError("no free /dev/nbdN device")
 
