@@ -15,6 +15,7 @@ class Config:
     control_timeout_s: float = 10.0         # small control requests between nodes
     heartbeat_s: float = 0.5                # push heartbeat; also the idle poll of background loops
     link_retry_s: float = 0.2               # after a failed push or pull
+    pull_idle_s: float = 0.02               # a pulling secondary with nothing new asks again after this
     push_batch_bytes: int = 4 * MiB         # journal data per push or pull message
     push_batch_entries: int = 1024
     discard_every_s: float = 0.05           # under load, free applied journal space this often

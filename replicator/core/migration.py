@@ -70,6 +70,11 @@ class Migrations:
         sm = self.source_of(vol)
         return sm is not None and sm.stage != T.PREPARED
 
+    def handed_over(self, vol: "Volume") -> bool:
+        """V2 took over from this V1 (so it may have dual-written to it since)."""
+        sm = self.source_of(vol)
+        return sm is not None and sm.stage in (T.HANDED_OVER, T.DRAINED, T.COMPLETE)
+
     def valid_of(self, vol: "Volume") -> str:
         return T.SOURCE_1
 
@@ -395,11 +400,17 @@ class Migrations:
             m = by_source[member.source.volume]
             v.info.remote_copy_flag = "source"
             v.info.mode, v.info.group, v.info.transfer = m["mode"], m["group"], m["transfer"]
-            T.go(T.PAIR_STATE, v.info, m["pair_state"])
+            # The pair is created here with V1's state (a retried handover replaces what an
+            # interrupted one left: nothing of it was committed before the phase changed).
+            T.start_over(T.PAIR_STATE, v.info, m["pair_state"])
             v.info.suspend_reason = str(m.get("suspend_reason", ""))
+            v.maps["diff"].note(v.diff.merge(bytes.fromhex(m["diff_bitmap"])))
+            if v.info.pair_state == T.DUPLEX and v.diff.count():
+                # V1 marked regions after a crash while frozen: they are resynchronised from here
+                T.go(T.PAIR_STATE, v.info, T.SUSPENDED)
+                v.info.suspend_reason = "handed over with regions to resynchronise"
             v.info.auto_resume = bool(m.get("auto_resume", True))
             v.info.copy_epoch = int(m.get("copy_epoch", 0))
-            v.maps["diff"].note(v.diff.merge(bytes.fromhex(m["diff_bitmap"])))
             tm.mode, tm.group = m["mode"], m["group"]
             tm.source_pair_state = m["pair_state"]
 
@@ -495,6 +506,7 @@ class Migrations:
             everything = range(0, v.diff.nregions)                   # a copy step in progress finishes
             yield from v.locks.acquire(everything)
             v.locks.release(everything)
+            yield from v.syncer.sync()     # V2 copies and fetches from this image: durable first
         members, journal = [], {}
         sm.handover_seq = 0
         for v in vols:
@@ -507,6 +519,7 @@ class Migrations:
             g = core.primary.groups[vols[0].info.group]
             while g.pending or g.appending or g.folding:              # every admitted write is numbered
                 yield Wait(("stored", g.name), timeout_s=1.0)
+            yield from g.make_durable(g.stored)     # the backlog below N0 must survive a power loss here
             sm.handover_seq = g.counter                               # N0: V2's first number
             g.handover_below = sm.handover_seq
             journal = {"counter": g.counter, "capacity_bytes": g.space.capacity, "head": g.space.head}

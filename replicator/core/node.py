@@ -200,7 +200,13 @@ class NodeCore:
         for name, d in raw.get("volumes", {}).items():
             info = VolumeInfo.from_dict(d)
             bits = {k: st.bitmaps.get((name, k)) for k in ("diff", "migrated", "activity")}
-            self.volumes[name] = Volume.make(self.rt, info, self.cfg.region_bytes, bits)
+            vol = Volume.make(self.rt, info, self.cfg.region_bytes, bits)
+            # What the last incarnation wrote may still be only in the page cache: the first
+            # flush of this one must really sync.
+            vol.syncer.wrote()
+            for bf in vol.maps.values():
+                bf.syncer.wrote()
+            self.volumes[name] = vol
         for name, d in raw.get("source_groups", {}).items():
             self.source_group_info[name] = SourceGroupInfo.from_dict(d)
         for name, d in raw.get("dest_groups", {}).items():
@@ -212,6 +218,7 @@ class NodeCore:
         for name, info in self.source_group_info.items():
             yield from self.primary.recover_group(info, st.journals.get(name))
         yield from self.primary.recover_activity(st)
+        yield from self.primary.settle_groups()
         for name, info in self.dest_group_info.items():
             self.secondary.recover_group(info, st.applied.get(name, (0, 0)))
         if changed or st.mgmt is not None:

@@ -59,15 +59,20 @@ class PrimarySide:
         """A missing or damaged bitmap must never hide a region: assume every region marked."""
         changed = False
         for v in self.core.volumes.values():
-            if v.info.pair_state == T.DUPLEX and v.diff.count():   # never both: resync what is marked
-                self.set_suspended(v, "the diff bitmap marks regions: resynchronising")
+            if v.info.pair_state == T.DUPLEX and v.diff.count() and not self.core.mig.frozen(v):
+                # never both: resync what is marked (a frozen V1 hands the bits over instead)
+                for m in self._members_of(v):
+                    if m.info.pair_state == T.DUPLEX:
+                        self.set_suspended(m, "the diff bitmap marks regions: resynchronising")
                 changed = True
             for kind in ("diff", "activity"):
                 if st.bitmaps.get((v.name, kind), b"") is None:
                     self.core.log("error", f"{v.name}: {kind} bitmap unreadable; marking every region")
                     v.maps[kind].note(v.maps[kind].bits.set_all())
                     if v.info.remote_copy_flag == "source" and v.info.pair_state == T.DUPLEX:
-                        self.set_suspended(v, f"{kind} bitmap was damaged: resynchronising")
+                        for m in self._members_of(v):
+                            if m.info.pair_state == T.DUPLEX:
+                                self.set_suspended(m, f"{kind} bitmap was damaged: resynchronising")
                     changed = True
         return changed
 
@@ -96,17 +101,20 @@ class PrimarySide:
     def _roll_forward(self, g: SourceGroup) -> Generator[Any, Any, None]:
         """Rewrite every live journal entry into its volume, in order: a crash between the journal
         append and the volume write must not leave the secondary ahead of the primary. A
-        migration source past its handover is skipped (a dual write may be newer)."""
+        migration source V2 took over from is skipped (it synced then; a dual write may be newer)."""
         first, count = g.discarded + 1, 0
         while first <= g.stored:
             last = g._batch_end(first, g.stored, self.core.cfg.push_batch_bytes)
             entries = yield from self._read_journal(g, first, last)
             for e in entries:
                 v = self.core.volumes.get(e.volume)
-                if v is not None and not self.core.mig.frozen(v):
-                    yield VolWrite(v.name, e.offset, e.data)
-                    v.syncer.wrote()
-                    count += 1
+                if v is None or self.core.mig.handed_over(v):   # it synced at the handover; dual writes are newer
+                    continue
+                # No write to this region is newer than a live entry: a suspended async pair folds
+                # (discards) its journal before any write bypasses it.
+                yield VolWrite(v.name, e.offset, e.data)
+                v.syncer.wrote()
+                count += 1
             first = last + 1
         if count:
             self.core.log("info", f"journal {g.name}: rolled {count} entries forward into the volumes")
@@ -124,15 +132,30 @@ class PrimarySide:
             info = v.info
             if v.activity.count() == 0:
                 continue
-            if info.remote_copy_flag == "source" and not st.clean and (info.mode == "sync" or st.power_lost):
+            # A migration source V2 took over from made its volume durable before it handed over
+            # and owns no pair any more: nothing of it is resynchronised from here.
+            if info.remote_copy_flag == "source" and not st.clean and (info.mode == "sync" or st.power_lost) \
+                    and not self.core.mig.handed_over(v):
                 v.maps["diff"].note(v.diff.merge(v.activity.to_bytes()))
                 yield from v.maps["diff"].persist(sync=True)                 # into diff first, durably
                 self.core.log("warning", f"{v.name}: writes were in flight at the last stop; "
                                          f"resynchronising {v.activity.count()} region(s)")
-                if info.pair_state == T.DUPLEX:
-                    self.set_suspended(v, "restart with writes in flight: resynchronising")
+                if self.core.mig.frozen(v):
+                    continue   # frozen for a handover: its backlog still drains; the next snapshot has the bits
+                for m in self._members_of(v):                                # a group moves together
+                    if m.info.pair_state == T.DUPLEX:
+                        self.set_suspended(m, "restart with writes in flight: resynchronising")
             v.maps["activity"].note(v.activity.clear_all())
             yield from v.maps["activity"].persist(sync=True)
+
+    def settle_groups(self) -> Generator[Any, Any, None]:
+        """At start-up: an async group that is (or was just made) suspended while its journal still
+        holds live entries folds them now, before any host write may bypass the journal."""
+        for g in list(self.groups.values()):
+            members = g.members()
+            if g.stored > g.discarded and any(m.info.pair_state == T.SUSPENDED for m in members):
+                reason = next(m.info.suspend_reason for m in members if m.info.pair_state == T.SUSPENDED)
+                yield from g.fold(reason)
 
     def _start_group(self, g: SourceGroup) -> None:
         self.core.service(f"append-{g.name}", g.appender)
@@ -254,15 +277,18 @@ class PrimarySide:
 
     def _write_async(self, vol: "Volume", offset: int, data: bytes | memoryview) -> Generator[Any, Any, None]:
         g = self.groups[vol.info.group]
-        if self._tracked(vol, offset, len(data)) or g.folding:
+        while g.folding:            # no write may bypass the journal while it still holds live entries
+            yield Wait(("folded", g.name))
+        if self._tracked(vol, offset, len(data)):
             yield from self.mark_dirty(vol, offset, len(data))
             yield from self._write_volume(vol, offset, data)
             return
         regions = yield from self._activity_enter(vol, offset, len(data))
         try:
             if self._tracked(vol, offset, len(data)) or g.folding:            # it changed meanwhile
-                yield from self.mark_dirty(vol, offset, len(data))
-                yield from self._write_volume(vol, offset, data)
+                self._activity_exit(vol, regions)
+                regions = range(0)
+                yield from self._write_async(vol, offset, data)
                 return
             p = g.enqueue(vol, offset, data)                                 # S2401-S2404
             journaled = yield from g.wait_stored(p)
@@ -482,7 +508,9 @@ class PrimarySide:
                 "volume": dest.volume, "group": info.group if info.mode == "async" else "",
                 "consistent_at": consistent_at, "source": self.core.name, "epoch": info.copy_epoch})
         except RcopyError as exc:
-            if info.copy_epoch == epoch and info.pair_state == T.COPYING:
+            if info.copy_epoch != epoch:
+                return False          # a newer resync started meanwhile: go on copying for it
+            if info.pair_state == T.COPYING:
                 yield from self.suspend_pair(vol, f"secondary unreachable: {exc}")
             return True
         if info.pair_state == T.COPYING and vol.diff.first_set() is None and info.copy_epoch == epoch:
@@ -529,12 +557,17 @@ class PrimarySide:
             "volume": secondary.volume, "source": vars(core_peer(core, vol.name)), "size": info.size,
             "mode": mode, "group": group, "transfer": transfer, "next_seq": next_seq,
             "epoch": info.copy_epoch})
+        others = core.members(group) if mode == "async" else []
         info.remote_copy_flag = "source"
         info.mode, info.group, info.transfer = mode, group, transfer
         info.copy_dest_info = secondary
         info.auto_resume = bool(msg.get("auto_resume", True))
-        T.go(T.PAIR_STATE, info, T.COPYING)
-        info.suspend_reason = ""
+        # A new member of a group moves with it: the group's copy epoch (a resync may have begun
+        # while we joined) and, if the group is suspended, suspended too (its resync copies us).
+        info.copy_epoch = max([info.copy_epoch] + [m.info.copy_epoch for m in others])
+        suspended = [m for m in others if m.info.pair_state == T.SUSPENDED]
+        T.go(T.PAIR_STATE, info, T.SUSPENDED if suspended else T.COPYING)
+        info.suspend_reason = suspended[0].info.suspend_reason if suspended else ""
         vol.maps["diff"].note(vol.diff.set_all())       # initial copy: every region differs until copied
         yield from vol.maps["diff"].persist(sync=True)
         yield from core.save()

@@ -21,6 +21,7 @@ from .effects import Effect, SetTimer
 
 TaskGen = Generator[Any, Any, Any]
 _NOT_A_TIMER = object()
+MIN_TIMER_S = 1e-6
 
 
 @dataclass(slots=True)
@@ -181,7 +182,9 @@ class Runtime:
             self._finish(task, TypeError(f"task {task.name} yielded {op!r}"), None)
 
     def _timer(self, task: Task, token: int, seconds: float, value: Any) -> None:
-        timer = SetTimer(at=self.now + max(0.0, seconds))
+        # At least a microsecond: "deadline - now" can round to a timer that fires at ``now``
+        # again and again, and the task would never see its deadline pass.
+        timer = SetTimer(at=self.now + max(MIN_TIMER_S, seconds))
         timer.op = self._next_op
         self._next_op += 1
         self._ops[timer.op] = (task, token, value)

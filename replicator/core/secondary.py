@@ -223,7 +223,7 @@ class SecondarySide:
                 if T.source_accepted(vols[0].info.copy_source_valid, index):
                     got += yield from self._pull_once(dg, src, index)
             if not got:
-                yield Wait(("applied", dg.name), timeout_s=0.02)
+                yield Wait(("applied", dg.name), timeout_s=cfg.pull_idle_s)
 
     def _pull_once(self, dg: DestGroup, src: PeerVolume, index: int) -> Generator[Any, Any, int]:
         cursor = dg.pull_cursor.get(src.node, 0)
@@ -378,30 +378,38 @@ class SecondarySide:
                 raise StateError(f"{core.name}:{v.name} is not a remote-copy secondary")
             self.accept_source(v, source)      # only the valid source may restart the copy
             self._check_epoch(v, epoch, source)  # a late copy of an earlier resync must not reset this one
-        for v in vols:                          # inconsistent from now until the resync is done
-            v.info.consistent = False
         if dg is not None:
-            next_seq = int(msg["next_seq"])
-            while dg.applying:                  # the batch being written finishes first
-                yield Wait(("applying", dg.name))
-            if next_seq - 1 < dg.applier.last_applied:
-                raise StateError(f"resync from {source} would move group {dg.name}'s applied pointer back "
-                                 f"from {dg.applier.last_applied} to {next_seq - 1}")
-            dg.applier.reset(next_seq - 1)
-            dg.synced = next_seq - 1
+            yield from self._check_forward(dg, int(msg["next_seq"]), source)
+        for v in vols:                          # inconsistent from now until the resync is done,
+            v.info.consistent = False           # durably before the applied pointer moves (a crash in
+            v.info.copy_epoch = epoch           # between must not come back "consistent" at it)
+        if dg is not None:
             dg.info.consistent_at = 0
             dg.info.resyncing = [v.name for v in vols]
             dg.info.done_at = {}
+        yield from core.save()
+        if dg is not None:
+            next_seq = int(msg["next_seq"])
+            yield from self._check_forward(dg, next_seq, source)
+            dg.applier.reset(next_seq - 1)
+            dg.synced = next_seq - 1
             dg.pull_cursor.clear()
             yield from self._save_record(dg, (next_seq - 1, next_seq - 1))
             core.rt.notify(("applied", dg.name))
         for v in vols:
-            regions = range(0, v.diff.nregions)   # copies in progress finish first
+            regions = range(0, v.diff.nregions)   # copies that passed the old epoch's check finish first
             yield from v.locks.acquire(regions)
-            v.info.copy_epoch = epoch
             v.locks.release(regions)
         yield from core.save()
         return wire.ok()
+
+    def _check_forward(self, dg: DestGroup, next_seq: int, source: str) -> Generator[Any, Any, None]:
+        """Invariant 13: a resync may move the applied pointer forward, never back."""
+        while dg.applying:                      # the batch being written finishes first
+            yield Wait(("applying", dg.name))
+        if next_seq - 1 < dg.applier.last_applied:
+            raise StateError(f"resync from {source} would move group {dg.name}'s applied pointer back "
+                             f"from {dg.applier.last_applied} to {next_seq - 1}")
 
     def _h_resync_done(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         core = self.core

@@ -41,6 +41,11 @@ class Checker:
         self.untracked: set[int] = set()                      # writes that reached a volume unnumbered
         self._decoded: dict[int, tuple[int, list[int | None]]] = {}  # id(file) -> (version, write ids)
         self.seq_version = 0                                  # bumped when ``seqs`` changes
+        self.seq_resets = 0                                   # bumped when seqs are taken away
+        self._bounds_of: dict[str, tuple[list[float], list[float]]] = {}   # V3 volume -> per-block low, high
+        self._dirty_files: dict[int, set[int]] = {}           # id(SimFile) -> blocks changed since
+        self._dirty_touch: dict[int, set[int]] = {}           # id(host) -> blocks whose writes' seqs changed
+        self._resets_seen: dict[str, int] = {}
         self._last: dict[str, Any] = {}                       # inputs of the last check of each kind
         self.states: dict[tuple[str, str, str], str] = {}
         self.applied_max: dict[str, int] = {}
@@ -49,10 +54,21 @@ class Checker:
         self.host_of: dict[str, Any] = {}
 
     def ids(self, f: Any) -> list[int | None]:
-        """The write ids of a SimFile's blocks, decoded once per version."""
+        """The write ids of a SimFile's blocks, decoded again only where it changed."""
         cached = self._decoded.get(id(f))
-        if cached is None or cached[0] != f.version:
+        if cached is None or f.changes is None:
+            f.changes = []
             cached = (f.version, decode(bytes(f.current), 0))
+            self._decoded[id(f)] = cached
+        elif cached[0] != f.version:
+            ids = cached[1]
+            dirty = self._dirty_files.setdefault(id(f), set())
+            for start, end in f.changes:
+                first, last = start // BLOCK, -(-end // BLOCK)
+                ids[first:last] = decode(bytes(f.current[first * BLOCK:last * BLOCK]), first)
+                dirty.update(range(first, last))
+            f.changes.clear()
+            cached = (f.version, ids)
             self._decoded[id(f)] = cached
         return cached[1]
 
@@ -70,8 +86,9 @@ class Checker:
             # A write that reaches a primary's volume before it has a number (the tracked path, or an
             # attempt before the one that got journaled) may reach V3 by a copy: no bound from its seq.
             for wid in set(decode(bytes(eff.data), eff.offset // BLOCK)):
-                if wid and not self.seqs.get((self.run.group, wid)):
+                if wid and not self.seqs.get((self.run.group, wid)) and wid not in self.untracked:
                     self.untracked.add(wid)
+                    self._touch(wid)
         if isinstance(eff, E.JournalAppend):
             seen = self.appended.setdefault((d.name, eff.group), set())
             for e in eff.entries:
@@ -82,6 +99,14 @@ class Checker:
                 self.seqs.setdefault((eff.group, ids[0]), []).append(e.seq)
                 seen.add(e.seq)
                 self.seq_version += 1
+                self._touch(ids[0])
+
+    def _touch(self, wid: int) -> None:
+        """What the prefix check knows of the blocks of write ``wid`` is out of date."""
+        for h in self.run.hosts:
+            w = h.writes.get(wid)
+            if w is not None:
+                self._dirty_touch.setdefault(id(h), set()).update(range(w.block, w.block + w.count))
 
     def tap(self, d: "Daemon", eff: Any) -> None:
         if isinstance(eff, E.Log) and eff.level == "bug":
@@ -115,6 +140,7 @@ class Checker:
     def node_down(self, node: str, power: bool) -> None:
         """After a power loss, entries the journal lost are no longer numbered writes."""
         self.states = {k: v for k, v in self.states.items() if k[0] != node}   # it restarts from disk
+        self._last.pop("tables-" + node, None)
         if not power:
             return
         d = self.w.daemons[node]
@@ -127,6 +153,7 @@ class Checker:
                     seqs[:] = [s for s in seqs if s not in lost]
             mine -= lost
             self.seq_version += 1
+            self.seq_resets += 1
         # Acknowledged writes never flushed may be gone from the primary's volume, and so from the
         # resync that follows: unless the secondary applied them already, they are no longer due.
         if node == "site-a1" or (node == "site-a2" and self._past_handover(d)):
@@ -136,6 +163,7 @@ class Checker:
                 if wid in volatile:
                     seqs[:] = [s for s in seqs if s <= applied.get(g, 0)]
             self.seq_version += 1
+            self.seq_resets += 1
         self.states = {k: v for k, v in self.states.items() if k[0] != node}
 
     @staticmethod
@@ -146,6 +174,7 @@ class Checker:
 
     def node_up(self, node: str) -> None:
         self.states = {k: v for k, v in self.states.items() if k[0] != node}
+        self._last.pop("tables-" + node, None)
 
     # ------------------------------------------------------------------ after every step
     def step(self, d: "Daemon") -> None:
@@ -162,8 +191,24 @@ class Checker:
             self._sync_secondary()
 
     def _tables(self, node: str, core: Any) -> None:
+        fp = (tuple((v.name, v.info.pair_state, v.info.rw_mode, v.info.copy_source_valid)
+                    for v in core.volumes.values()),
+              tuple((m.id, getattr(m, "phase", ""), getattr(m, "state", ""), getattr(m, "stage", ""))
+                    for m in core.migrations.values()))
+        if self._last.get("tables-" + node) == fp:
+            return
+        self._last["tables-" + node] = fp
         for v in core.volumes.values():
             for attr, table in _TABLES.items():
+                tm = core.mig.target_of(v)
+                key = (node, v.name, "uncommitted")
+                if attr == "pair_state" and tm is not None and (tm.phase in (T.THROUGH, T.PENDING)
+                                                                or self.states.get(key)):
+                    # V2 takes V1's pair over (S806); a retried handover replaces what an interrupted
+                    # one left. Checked again from the step the phase commits it.
+                    self.states[(node, v.name, attr)] = v.info.pair_state
+                    self.states[key] = "1" if tm.phase in (T.THROUGH, T.PENDING) else ""
+                    continue
                 self._moved(node, v.name, attr, getattr(v.info, attr), table)
         for m in core.migrations.values():
             if isinstance(m, TargetMigration):
@@ -240,23 +285,37 @@ class Checker:
             h = self.host_of.get(v.name)
             if h is None:
                 continue
-            ids = self.ids(disk.volumes[v.name])
-            for b, wid in enumerate(ids):
-                hist = h.hist[b].writes
+            f = disk.volumes[v.name]
+            ids = self.ids(f)
+            bounds = self._bounds_of.get(v.name)
+            if bounds is None or self._resets_seen.get(v.name) != self.seq_resets or len(bounds[0]) != len(ids):
+                bounds = ([-INF] * len(ids), [INF] * len(ids))
+                self._bounds_of[v.name] = bounds
+                self._resets_seen[v.name] = self.seq_resets
+                todo: set[int] = set(range(len(ids)))
+                self._dirty_files.pop(id(f), None)
+            else:
+                todo = self._dirty_files.pop(id(f), set())
+            todo |= self._dirty_touch.get(id(h), set())
+            lows, highs = bounds
+            for b in todo:
+                wid = ids[b]
+                hb = h.hist[b]
                 if wid is None:
                     self.w.violation(f"site-b:{v.name} block {b} is torn or foreign while consistent")
                     return
-                pos = -1
+                b_low, pos = -INF, -1
                 if wid:
-                    pos = h.hist[b].pos.get(wid)
+                    pos = hb.pos.get(wid)
                     if pos is None:
                         self.w.violation(f"site-b:{v.name} block {b} holds write {wid}, never written there")
                         return
                     if wid not in self.untracked:
-                        low = max(low, min(self.seqs.get((dg.name, wid)) or [-INF]))
-                for later in hist[pos + 1:]:
-                    s = min(self.seqs.get((dg.name, later.id)) or [INF])
-                    high = min(high, s)
+                        b_low = min(self.seqs.get((dg.name, wid)) or [-INF])
+                lows[b] = b_low
+                highs[b] = min([min(self.seqs.get((dg.name, x.id)) or [INF]) for x in hb.writes[pos + 1:]] or [INF])
+            low, high = max(low, max(lows)), min(high, min(highs))
+        self._dirty_touch.clear()
         if max(low, lo) >= min(high, hi + 1):
             self.w.violation(f"site-b group {dg.name} is not a prefix: its blocks need {low} <= A < {high}, "
                              f"applied is {lo}..{hi}")

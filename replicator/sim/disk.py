@@ -34,6 +34,7 @@ class SimFile:
         self.current = bytearray(size)
         self.unsynced: list[tuple[int, bytes]] = []
         self.version = 0                 # bumped by every change of ``current``
+        self.changes: list[tuple[int, int]] | None = None   # (offset, end) since read, if someone watches
 
     def write(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
@@ -42,6 +43,8 @@ class SimFile:
         self.current[offset:end] = data
         self.unsynced.append((offset, bytes(data)))
         self.version += 1
+        if self.changes is not None:
+            self.changes.append((offset, end))
 
     def read(self, offset: int, length: int) -> bytes:
         return bytes(self.current[offset:offset + length])
@@ -66,6 +69,8 @@ class SimFile:
         self.unsynced.clear()
         self.current[:] = self.durable
         self.version += 1
+        if self.changes is not None:
+            self.changes.append((0, len(self.current)))
         return damaged
 
 

@@ -35,13 +35,15 @@ PROCEDURES = ("steady", "initial-copy", "suspend-resume", "journal-full", "migra
 FAULTS = ("none", "kill", "power", "pause", "cut", "slow")
 
 SIM_CONFIG = Config(region_bytes=REGION_BYTES, sync_timeout_s=0.4, copy_wait_s=1.0, peer_timeout_s=1.5,
-                    control_timeout_s=1.0, heartbeat_s=0.05, link_retry_s=0.02, push_batch_bytes=16 * 1024,
+                    control_timeout_s=1.0, heartbeat_s=0.1, link_retry_s=0.02, pull_idle_s=0.05,
+                    push_batch_bytes=16 * 1024,
                     push_batch_entries=16, discard_every_s=0.02, journal_bytes_default=96 * 1024,
                     reorder_bytes_max=64 * 1024, apply_batch_bytes=8 * 1024, pending_hold_max_s=8.0,
-                    handover_timeout_s=2.0, valid_quick_s=0.3, copy_streams=2, resume_check_s=0.1,
-                    activity_retire_s=0.1, lag_samples_max=64, lag_sample_every_s=0.005,
-                    restart_backoff_s=0.05, restart_backoff_max_s=0.5, poll_s=0.02)
+                    handover_timeout_s=2.0, valid_quick_s=0.3, copy_streams=2, resume_check_s=0.2,
+                    activity_retire_s=0.2, lag_samples_max=64, lag_sample_every_s=0.005,
+                    restart_backoff_s=0.05, restart_backoff_max_s=0.5, poll_s=0.05)
 VVOL_RETRY_S = 2.0
+LOAD_S = 1.4                     # how long the hosts write (faults come within it)
 
 
 @dataclass
@@ -79,7 +81,7 @@ def plan(seed: int, only_faults: tuple[str, ...] | None = None,
             continue
         node = rnd.choice(NODES) if kind != "cut" else "wan"
         duration = rnd.uniform(0.05, 1.2) if kind in ("pause", "cut", "slow", "kill", "power") else 0.0
-        p.faults.append((rnd.uniform(0.0, 1.6), kind, node, duration))
+        p.faults.append((rnd.uniform(0.0, LOAD_S - 0.2), kind, node, duration))
     p.faults.sort()
     return p
 
@@ -162,11 +164,11 @@ class Run:
             return
         t0 = w.now
         for h in self.hosts:
-            h.start(t0 + 1.8)
+            h.start(t0 + LOAD_S)
         self._schedule_procedure(t0)
         for at, kind, node, duration in p.faults:
             w.at(t0 + at, self._fault, kind, node, duration)
-        w.run_until(t0 + 2.2)
+        w.run_until(t0 + LOAD_S + 0.4)
         if w.violations:
             return
         self._quiesce()

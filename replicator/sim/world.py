@@ -102,6 +102,8 @@ class World:
         self.host_done: Callable[[Any], None] = lambda eff: None
         self.verbose = False
         self.ids = itertools.count(1)      # host write and request ids, unique in the run
+        self._handled = 0
+        self.events_max = 400_000          # a seed needs ~2,000; far more means a loop that never waits
 
     # ------------------------------------------------------------------ scheduling
     def at(self, when: float, fn: Callable[..., None], *args: Any) -> None:
@@ -118,6 +120,11 @@ class World:
                 break
             heapq.heappop(self._queue)
             self.now = max(self.now, when)
+            self._handled += 1
+            if self._handled > self.events_max:
+                self.violation(f"runaway: more than {self.events_max} scheduled events "
+                               f"(a loop that never waits?) at {self.now:.6f}")
+                break
             fn(*args)
             if stop is not None and stop():
                 break

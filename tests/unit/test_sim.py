@@ -32,6 +32,19 @@ REGRESSIONS = {
     3601: "a pair create cut short could not be retried (the secondary had joined already)",
     4488: "the checker: a write acknowledged by a primary that had just lost power",
     5155: "the copier cleared a bit before the data it had sent was durable at the primary",
+    4034: "a resync moved the applied pointer before 'inconsistent' was durable (a kill in between)",
+    6670: "a primary past its handover resynchronised its own activity log after a power loss",
+    9353: "a volume joining a group while it resynchronised kept the old copy epoch",
+    3770: "a restart rolled an old journal entry over a newer write made while suspended (writes now wait "
+          "for a fold, and a suspended group with live entries folds at start)",
+    1705: "skipping dirty regions in the roll-forward lost a journaled write during an initial copy",
+    4422: "a frozen V1 that had not handed over ignored its activity log after a power loss",
+    1324: "a timer 'deadline - now' rounded to now fired forever (and a retried take-over could not "
+          "replace the pair state an interrupted one left)",
+    3063: "a frozen V1 folded its backlog after a power loss, so V3 could never get it",
+    2362: "the first flush after a restart did not sync what the last incarnation left in the page cache",
+    4099: "a copier that saw a newer resync start ended instead of copying for it",
+    3244: "the handover did not make V1's journal backlog durable (lost by a power loss after it)",
 }
 
 
