@@ -448,6 +448,19 @@ class Migrations:
                 self.waiting_for[tm.id] = f"{src.node}: {exc}"
             yield Sleep(self.core.cfg.poll_s)
 
+    def backlog_pending(self, vol: "Volume") -> Generator[Any, Any, bool]:
+        """V2 before S816: may V1 still send V3 entries below N0 (so V2 may not resync yet)?"""
+        tm = self.target_of(vol)
+        if tm is None or tm.phase != T.TRANSITIONAL:
+            return False
+        src = tm.source_node
+        try:
+            reply = yield from self.core.call(src.node, src.control, "mig.source_status",
+                                              {"volumes": [m.source.volume for m in tm.members]}, timeout_s=5.0)
+        except NodeUnreachable:
+            return True
+        return not all(s.get("drained") for s in reply["volumes"])
+
     def _confirm(self, tm: TargetMigration) -> Generator[Any, Any, None]:
         """Tell V1 that V2 took over with the snapshot of ``last_attempt`` (it can never be thawed now)."""
         src = tm.source_node

@@ -143,7 +143,9 @@ class PrimarySide:
                 if self.core.mig.frozen(v):
                     continue   # frozen for a handover: its backlog still drains; the next snapshot has the bits
                 for m in self._members_of(v):                                # a group moves together
-                    if m.info.pair_state == T.DUPLEX:
+                    # copying too: a copy sent before the stop may still arrive, and after a power loss
+                    # its after_seq names entries that are gone: the resync starts over, in a new epoch
+                    if m.info.pair_state in (T.DUPLEX, T.COPYING):
                         self.set_suspended(m, "restart with writes in flight: resynchronising")
             v.maps["activity"].note(v.activity.clear_all())
             yield from v.maps["activity"].persist(sync=True)
@@ -255,6 +257,11 @@ class PrimarySide:
     def _tracked(self, vol: "Volume", offset: int, length: int) -> bool:
         return vol.info.pair_state == T.SUSPENDED or vol.diff.any_set(offset, length)
 
+    def _bypasses(self, vol: "Volume", g: SourceGroup, offset: int, length: int) -> bool:
+        """An async write in a tracked extent goes by the bitmap only, unless an older entry of the
+        journal may touch it: then it is journaled too, so a roll-forward replays both in order."""
+        return self._tracked(vol, offset, length) and not g.live_under(vol.name, offset, length)
+
     def _write_sync(self, vol: "Volume", offset: int, data: bytes | memoryview) -> Generator[Any, Any, None]:
         if self._tracked(vol, offset, len(data)):
             yield from self.mark_dirty(vol, offset, len(data))
@@ -279,19 +286,23 @@ class PrimarySide:
         g = self.groups[vol.info.group]
         while g.folding:            # no write may bypass the journal while it still holds live entries
             yield Wait(("folded", g.name))
-        if self._tracked(vol, offset, len(data)):
+        if self._bypasses(vol, g, offset, len(data)):
             yield from self.mark_dirty(vol, offset, len(data))
             yield from self._write_volume(vol, offset, data)
             return
         regions = yield from self._activity_enter(vol, offset, len(data))
         try:
-            if self._tracked(vol, offset, len(data)) or g.folding:            # it changed meanwhile
+            if self._bypasses(vol, g, offset, len(data)) or g.folding:        # it changed meanwhile
                 self._activity_exit(vol, regions)
                 regions = range(0)
                 yield from self._write_async(vol, offset, data)
                 return
             p = g.enqueue(vol, offset, data)                                 # S2401-S2404
             journaled = yield from g.wait_stored(p)
+            while not journaled and g.folding:
+                # folded into the bitmaps: the journal's older entries must be gone first, or a
+                # roll-forward after a crash would write them over this newer data
+                yield Wait(("folded", g.name))
             try:
                 yield from self._write_volume(vol, offset, data)              # S1133
             finally:
@@ -392,6 +403,10 @@ class PrimarySide:
         assert dest is not None
         epoch = max(m.info.copy_epoch for m in members) + 1
         if vol.info.mode == "async":
+            if (yield from self.core.mig.backlog_pending(vol)):
+                # V2 resyncs from N0 on: V3 would skip what V1 still has to send below it
+                raise StateError(f"{self.core.name}:{vol.name}: its old primary still sends its backlog "
+                                 f"below the handover number; the resync follows it")
             g = self.groups[vol.info.group]
             # The secondary restarts its sequence at next_seq: what the journal still holds
             # unapplied (a suspend by a failed copy does not fold) goes by the bitmap.
@@ -454,6 +469,9 @@ class PrimarySide:
         while vol.info.pair_state == T.COPYING and vol.name in self.core.volumes:
             if self.core.mig.frozen(vol):
                 return                                   # V2 continues the copy (S813)
+            if vol.info.rw_mode == T.PENDING:            # V2 before its handover is done: its image
+                yield Wait(("mode", vol.name), timeout_s=cfg.poll_s)   # is not V1's yet (no fetch)
+                continue
             region = vol.diff.first_set()
             if region is None:
                 done = yield from self._copy_finished(vol)

@@ -43,6 +43,9 @@ class Pending:
     folded: bool = False
 
 
+LIVE_CHUNK = 64 * 1024          # the granularity of live_under
+
+
 class SourceGroup:
     """The journal management information of one group (SPEC 5.3) and its transfer."""
 
@@ -52,6 +55,7 @@ class SourceGroup:
         self.counter = 1
         self.stored = self.durable = self.applied = self.discarded = self.transferred = 0
         self.index: dict[int, tuple[str, int, int]] = {}      # live entries: seq -> (volume, offset, length)
+        self.live_at: dict[tuple[str, int], int] = {}         # (volume, 64 KiB chunk) -> its last entry
         self.pending: deque[Pending] = deque()
         self.writing: dict[int, int] = {}                      # seq -> volume writes still running
         self.appending = self.syncing = self.discarding = self.folding = False
@@ -77,6 +81,7 @@ class SourceGroup:
         self.applied = self.transferred = self.discarded
         for seq, vol, off, length in st.entries:
             self.index[seq] = (vol, off, length)
+            self._note_live(vol, off, length, seq)
             self.live_bytes += length
         self.next_send = self.discarded + 1
 
@@ -125,6 +130,7 @@ class SourceGroup:
                 assert where is not None
                 self.space.add(p.seq, where[0], size)
                 self.index[p.seq] = (p.volume, p.offset, len(p.data))
+                self._note_live(p.volume, p.offset, len(p.data), p.seq)
                 self.live_bytes += len(p.data)
                 self.writing[p.seq] = 1
                 entries.append(JEntry(p.seq, p.volume, p.offset, p.data))
@@ -142,6 +148,21 @@ class SourceGroup:
             self.stored = entries[-1].seq
             rt.notify(("stored", self.name))
             rt.notify(("appended", self.name))
+
+    def _note_live(self, volume: str, offset: int, length: int, seq: int) -> None:
+        for chunk in range(offset // LIVE_CHUNK, (offset + length - 1) // LIVE_CHUNK + 1):
+            self.live_at[(volume, chunk)] = seq
+
+    def live_under(self, volume: str, offset: int, length: int) -> bool:
+        """Does the journal still hold an entry that may touch this extent? A write that bypasses
+        the journal there could be overwritten by that older entry in a roll-forward after a crash."""
+        for chunk in range(offset // LIVE_CHUNK, (offset + length - 1) // LIVE_CHUNK + 1):
+            seq = self.live_at.get((volume, chunk))
+            if seq is not None:
+                if seq > self.discarded:
+                    return True
+                del self.live_at[(volume, chunk)]
+        return False
 
     def volume_written(self, seq: int) -> None:
         """The primary's own write of entry ``seq`` is done (its space may be freed once applied)."""
@@ -175,6 +196,7 @@ class SourceGroup:
             vols = {v.name: v for v in self.members()}
             extents = [e for s, e in self.index.items() if s > self.applied]
             covered: set[int] = set()
+            folded = len(extents)
             while True:
                 # Host writes queued while we wait for the bits to be durable are covered too: the
                 # loop ends only when a pass found nothing new, with no wait between it and the end.
@@ -182,6 +204,7 @@ class SourceGroup:
                 if not extents and not fresh:
                     break
                 extents += [(p.volume, p.offset, len(p.data)) for p in fresh]
+                folded += len(fresh)
                 covered.update(id(p) for p in fresh)
                 touched = set()
                 for vname, offset, length in extents:
@@ -203,8 +226,8 @@ class SourceGroup:
                 self._freed(self.stored)
             self.applied = max(self.applied, self.stored)
             self.next_send = self.counter
-            self.core.log("warning", f"group {self.name}: folded {len(extents)} entries into the bitmaps "
-                                     f"and suspended ({reason})")
+            self.core.log("warning", f"group {self.name}: folded {folded} entries and queued writes into "
+                                     f"the bitmaps and suspended ({reason})")
         finally:
             self.folding = False
             rt.notify(("folded", self.name))

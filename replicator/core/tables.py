@@ -45,7 +45,8 @@ def go(table: Table, holder: Any, new: str) -> bool:
 OFF = ""
 COPYING, DUPLEX, SUSPENDED = "copying", "duplex", "suspended"
 PAIR_STATE = Table("pair_state", "pair_state", {
-    OFF: (COPYING,),                        # pair create: the initial copy (V2 takes V1's over: start_over)
+    OFF: (COPYING, SUSPENDED),              # pair create: the initial copy, or suspended with the async
+                                            # group it joins (V2 takes V1's state over: start_over)
     COPYING: (DUPLEX, SUSPENDED, OFF),
     DUPLEX: (SUSPENDED, COPYING, OFF),
     SUSPENDED: (COPYING, OFF),              # resume = differential resync

@@ -155,13 +155,13 @@ class Checker:
             self.seq_version += 1
             self.seq_resets += 1
         # Acknowledged writes never flushed may be gone from the primary's volume, and so from the
-        # resync that follows: unless the secondary applied them already, they are no longer due.
+        # resync that follows, even where the secondary had applied them (a resync copies the
+        # primary's image as it is now): they are no longer due.
         if node == "site-a1" or (node == "site-a2" and self._past_handover(d)):
-            applied = {g: rec[0] for g, rec in self.w.daemons["site-b"].disk.applied.items()}
             volatile = {w.id for h in self.run.hosts for w in h.writes.values() if not w.durable}
             for (g, wid), seqs in self.seqs.items():
                 if wid in volatile:
-                    seqs[:] = [s for s in seqs if s <= applied.get(g, 0)]
+                    seqs.clear()
             self.seq_version += 1
             self.seq_resets += 1
         self.states = {k: v for k, v in self.states.items() if k[0] != node}

@@ -12,11 +12,17 @@ have landed).
 """
 from __future__ import annotations
 
+import itertools
+import random
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..core.node import HostIo
+from .. import wire
+from ..core import effects as E
+from ..core.node import Completed, HostIo
+from ..errors import RcopyError
+from .world import Daemon
 
 BLOCK = 512
 _PAT = struct.Struct("<QQ")
@@ -72,6 +78,38 @@ class History:
         self.writes.append(w)
 
 
+class OldPath(Daemon):
+    """The host's old path straight to V1's export (a multipath leftover, a second mount): V1
+    takes its writes until the handover and must refuse them from then on (invariant 8)."""
+
+    def __init__(self, world: Any, host: "Host", node: str, volume: str) -> None:
+        super().__init__(world, f"old-path-{host.app}", "path")
+        self.host, self.node, self.volume = host, node, volume
+        self.up = True
+        self.ops = itertools.count(1)
+        self.waiting: dict[int, Any] = {}
+
+    def send(self, req: Any, offset: int, data: bytes, fua: bool) -> None:
+        call = E.Call(self.node, self.node, wire.Message("nbd", {"op": "write", "volume": self.volume,
+                                                               "offset": offset, "length": len(data),
+                                                               "fua": fua}, [data]), 3.0)
+        call.op = next(self.ops)
+        self.waiting[call.op] = req
+        self.world.execute(self, call)
+
+    def deliver(self, event: Any) -> None:
+        req = self.waiting.pop(event.op, None) if isinstance(event, Completed) else None
+        if req is None:
+            return
+        error = event.result if isinstance(event.result, BaseException) else None
+        if error is None:
+            try:
+                wire.raise_if_error(event.result)
+            except RcopyError as exc:
+                error = exc
+        self.host.done(E.HostDone(req, None, error))
+
+
 class Host:
     """A host with up to ``qd`` requests in flight on distinct blocks."""
 
@@ -91,6 +129,9 @@ class Host:
         self.stop_at = 0.0
         self.completed = 0
         self.on_read: Callable[[list[int | None], int, float], None] | None = None
+        self.old_path: OldPath | None = None
+        self.old_share = 0.0                 # the part of the writes that takes the old path
+        self.path_rnd = random.Random(rnd.random())
 
     # ------------------------------------------------------------------ load
     def start(self, until: float) -> None:
@@ -123,6 +164,10 @@ class Host:
                 fua: bool = False) -> None:
         req = ("host", next(self.ids), kind)
         self.inflight[req] = (kind, ctx)
+        if kind == "write" and self.old_path is not None and self.path_rnd.random() < self.old_share:
+            assert data is not None
+            self.old_path.send(req, offset, data, fua)
+            return
         vv = self.world.daemons[self.vvol]
         vv.deliver(HostIo(req, op, self.app, offset, length, data, fua))
 

@@ -24,7 +24,7 @@ from ..core.runtime import Runtime
 from ..core.vvol import VirtualVolume
 from ..errors import RcopyError
 from .checks import Checker
-from .host import BLOCK, Host
+from .host import BLOCK, Host, OldPath
 from .world import Daemon, World
 
 NODES = ("site-a1", "site-a2", "site-b")
@@ -44,6 +44,7 @@ SIM_CONFIG = Config(region_bytes=REGION_BYTES, sync_timeout_s=0.4, copy_wait_s=1
                     restart_backoff_s=0.05, restart_backoff_max_s=0.5, poll_s=0.05)
 VVOL_RETRY_S = 2.0
 LOAD_S = 1.4                     # how long the hosts write (faults come within it)
+OLD_PATH_SHARE = 0.1           # migrations: the part of the writes that goes straight to V1
 
 
 @dataclass
@@ -205,6 +206,10 @@ class Run:
             h = Host(self.w, "host", VOLUME_BYTES // BLOCK, random.Random(self.p.seed * 131 + len(self.hosts)),
                      qd=self.p.qd)
             h.app = app
+            if self.p.procedure.startswith("migrate"):      # some writes keep going straight to V1
+                h.old_path = OldPath(self.w, h, "site-a1", v1)
+                self.w.daemons[h.old_path.name] = h.old_path
+                h.old_share = OLD_PATH_SHARE
             self.hosts.append(h)
         self.checker.install()
         self.step = "loaded"

@@ -111,8 +111,8 @@ def test_the_simulator_finds_a_frozen_v1_that_admits_writes(monkeypatch: pytest.
     def admit(self: Any, vol: Any, write: bool) -> Any:
         return (yield from original(self, vol, False))     # the frozen check skipped for writes
     monkeypatch.setattr(migration.Migrations, "admit", admit)
-    # the default run reaches these seeds (it runs every procedure and fault for 10,000 seeds)
-    assert _first_failing_seed(range(300, 400), procedures=("migrate", "migrate-remove")) is not None
+    # the host's old path to V1 (a part of its writes) finds it within a few migration seeds
+    assert _first_failing_seed(range(0, 100), procedures=("migrate", "migrate-remove")) is not None
 
 
 def test_the_simulator_finds_applied_reported_before_the_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
