@@ -129,6 +129,7 @@ class Host:
         self.stop_at = 0.0
         self.completed = 0
         self.on_read: Callable[[list[int | None], int, float], None] | None = None
+        self.lost_power_at = -1.0            # the last power loss of a primary-side node
         self.old_path: OldPath | None = None
         self.old_share = 0.0                 # the part of the writes that takes the old path
         self.path_rnd = random.Random(rnd.random())
@@ -228,8 +229,8 @@ class Host:
             if eff.error is not None:
                 self.errors.append(f"flush: {type(eff.error).__name__}: {eff.error}")
                 return
-            for write in self.writes.values():
-                if write.acked is not None and write.acked <= ctx:
+            for write in self.writes.values():     # a flush after a power loss cannot save what it took
+                if write.acked is not None and self.lost_power_at < write.acked <= ctx:
                     write.durable = True
         elif kind == "read":
             b, count, issued = ctx
@@ -274,6 +275,7 @@ class Host:
 
     def power_lost(self) -> None:
         """A primary-side node lost power: acknowledged writes never flushed may be gone."""
+        self.lost_power_at = self.world.now
         for kind, ctx in self.inflight.values():
             if kind == "write":
                 ctx.suspect = True

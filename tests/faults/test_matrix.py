@@ -160,10 +160,10 @@ def matrix_cluster(request, tmp_path):
         yield t
     finally:
         dump_stacks(lab_dir)
-        for log in lab_dir.glob("*/*.log"):  # kept in tmp_path for a post-mortem; the lab goes
-            dest = tmp_path / "logs" / log.parent.name
-            dest.mkdir(parents=True, exist_ok=True)
-            shutil.copy(log, dest / log.name)
+        for log in lab_dir.glob("*/*.log"):  # kept for a post-mortem (pytest prunes tmp_path); the lab goes
+            for dest in (tmp_path / "logs" / log.parent.name, RESULTS / "logs" / request.node.name / log.parent.name):
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copy(log, dest / log.name)
         lab.down(lab_dir)
 
 
