@@ -66,6 +66,19 @@ MIGRATION_REGRESSIONS = {
 }
 
 
+OPEN = {
+    77725: "async migrate-abort, power loss of V1: at the end V3 holds a write numbered 57 while its "
+           "applied pointer is 56 (found by the long run of 2026-12-01, not analysed yet)",
+}
+
+
+@pytest.mark.parametrize("seed", sorted(OPEN))
+@pytest.mark.xfail(reason="an open finding of the simulator (docs/SIMULATION.md)", strict=True)
+def test_open_finding(seed: int) -> None:
+    r = run_seed(seed)
+    assert not r.violations, f"{OPEN[seed]}: {r.violations[:2]}"
+
+
 @pytest.mark.parametrize("seed", sorted(REGRESSIONS))
 def test_regression_seed(seed: int) -> None:
     r = run_seed(seed)
