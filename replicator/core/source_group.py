@@ -271,6 +271,9 @@ class SourceGroup:
             e = self.index.pop(s, None)
             if e is not None:
                 self.live_bytes -= e[2]
+                for chunk in range(e[1] // LIVE_CHUNK, (e[1] + e[2] - 1) // LIVE_CHUNK + 1):
+                    if self.live_at.get((e[0], chunk)) == s:     # no later entry touches it: forget it,
+                        del self.live_at[(e[0], chunk)]         # so the map holds live entries only
         self.space.free_through(through)
         self.discarded = max(self.discarded, through)
         self.applied = max(self.applied, self.discarded)
