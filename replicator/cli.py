@@ -132,12 +132,53 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.repair and not args.online:
+        raise UsageError("--repair goes with --online")
+    if args.online:
+        return _verify_online(args)
     r = _terminal(args).verify(args.a, args.b, wait=not args.no_wait, timeout_s=args.timeout)
     if r["identical"]:
         _emit(args, r, f"{args.a} and {args.b} are identical ({r['size']} bytes)")
         return 0
     _emit(args, r, f"{args.a} and {args.b} differ: {r.get('reason') or ''}"
                    f"{r.get('differing_chunks', '')} chunk(s), first at offsets {r['differences']}")
+    return 1
+
+
+def _verify_online(args: argparse.Namespace) -> int:
+    if args.rate < 0:
+        raise UsageError("--rate must be >= 0 (MiB/s; 0: no limit)")
+    tty = sys.stderr.isatty()
+    shown = {"tenth": -1}
+
+    def show(r: dict) -> None:
+        line = (f"rcopy: verify {r['primary']} -> {r['secondary']}: {r['checked_bytes'] / r['size']:.0%} "
+                f"({r['checked_bytes'] >> 20} of {r['size'] >> 20} MiB), {len(r['different'])} different")
+        tenth = r["checked_bytes"] * 10 // r["size"]
+        if tty:
+            print("\r" + line.ljust(79), end="", file=sys.stderr, flush=True)
+        elif not args.json and tenth != shown["tenth"]:
+            print(line, file=sys.stderr, flush=True)
+        shown["tenth"] = tenth
+    r = _terminal(args).verify_online(args.a, args.b, repair=args.repair, rate_bytes_s=args.rate * 2**20,
+                                      timeout_s=args.timeout, progress=show)
+    if tty:
+        print(file=sys.stderr)
+    rate = r["checked_bytes"] / 2**20 / max(r["seconds"], 1e-3)
+    text = (f"{r['primary']} and {r['secondary']}: {r['checked_bytes']} bytes compared online in {r['seconds']} s "
+            f"({rate:.0f} MiB/s)")
+    if r["dirty"]:
+        text += f"; {len(r['dirty'])} chunk(s) skipped, already marked for the resync"
+    if r["busy"]:
+        text += f"; {len(r['busy'])} chunk(s) kept changing and were not compared (run it again)"
+    if r["identical"]:
+        _emit(args, r, text + ": no difference")
+        return 0
+    first = ", ".join(str(o) for o in r["different"][:10])
+    text += (f": {len(r['different'])} chunk(s) of {r['chunk_bytes']} bytes differ (first at offsets {first}); "
+             + ("resynchronised, the pair is " + r["state"] if r.get("repaired") else
+                f"marked for the resync, the pair is {r['state']}: rcopy pair resume {r['primary']} repairs them"))
+    _emit(args, r, text)
     return 1
 
 
@@ -361,10 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
                     help="with --watch: seconds between refreshes (default %(default)g)")
 
-    sp = command("verify", cmd_verify, "wait for replication to drain, then compare two volumes")
+    sp = command("verify", cmd_verify, "wait for replication to drain, then compare two volumes; "
+                                       "--online: compare a pair while the host writes")
     sp.add_argument("a", metavar="VOLUME")
     sp.add_argument("b", metavar="VOLUME")
     sp.add_argument("--no-wait", action="store_true")
+    sp.add_argument("--online", action="store_true",
+                    help="compare a duplex pair under load, in replication order; mark what differs for the resync")
+    sp.add_argument("--repair", action="store_true", help="with --online: resync what differs right away")
+    sp.add_argument("--rate", type=float, default=0.0, help="with --online: at most this many MiB/s (0: no limit)")
     sp.add_argument("--timeout", type=float, default=600.0)
 
     sp = command("lab", cmd_lab, "start or stop a complete three-site lab on this machine")

@@ -158,7 +158,7 @@ class NodeStorage:
         elif isinstance(eff, E.SaveApplied):
             self._save_applied(eff.group, eff.applied, eff.applying)
         elif isinstance(eff, E.VolHash):
-            return self._hash(eff.volume, eff.chunk)
+            return self._hash(eff.volume, eff.chunk, eff.offset, eff.length)
         elif isinstance(eff, E.VolCreate):
             self._create_volume(eff.volume, eff.size)
         elif isinstance(eff, E.VolDelete):
@@ -220,11 +220,12 @@ class NodeStorage:
                 self._bitmap_path(name, kind).unlink(missing_ok=True)
             (self.vdir / f"{name}.img").unlink(missing_ok=True)
 
-    def _hash(self, name: str, chunk: int) -> list[str]:
+    def _hash(self, name: str, chunk: int, offset: int = 0, length: int = -1) -> list[str]:
         store, size = self.stores[name], self._sizes[name]
+        end = size if length < 0 else min(size, offset + length)
         out = []
-        for off in range(0, size, chunk):
-            n = min(chunk, size - off)
+        for off in range(offset, end, chunk):
+            n = min(chunk, end - off)
             if store.is_hole(off, n):
                 out.append("0")
                 continue

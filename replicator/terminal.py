@@ -159,6 +159,13 @@ class Terminal:
         return {"identical": not diffs, "size": ha["size"], "chunks": len(ha["digests"]),
                 "differing_chunks": len(diffs), "differences": diffs[:10], "chunk_bytes": chunk}
 
+    def verify_online(self, a: str, b: str, repair: bool = False, rate_bytes_s: float = 0.0,
+                      timeout_s: float = 600.0, progress: Callable[[dict[str, Any]], None] | None = None
+                      ) -> dict[str, Any]:
+        """Compare a duplex pair while the host writes; mark (and with ``repair`` resync) what differs."""
+        return self.run(P.online_verify(self.d, a, b, time.monotonic, repair=repair, rate_bytes_s=rate_bytes_s,
+                                        timeout_s=timeout_s, progress=progress))
+
     def wait_drained(self, a: str, b: str, timeout_s: float) -> None:
         status = self.status(only=[parse_volume(a)[0], parse_volume(b)[0]])
         pair = next((p for p in status["pairs"] if {p["primary"], p["secondary"]} == {a, b}), None)

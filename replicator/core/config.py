@@ -32,4 +32,5 @@ class Config:
     lag_sample_every_s: float = 0.01
     restart_backoff_s: float = 0.2          # a failed background task is restarted after this (doubling)
     restart_backoff_max_s: float = 5.0
+    verify_chunk_bytes: int = 64 * 1024     # online verify compares (and re-reads when busy) this much
     poll_s: float = 0.2                     # polling a peer for a migration report (S815, S820)

@@ -63,10 +63,12 @@ class VolSync(Effect):
 
 @dataclass(slots=True, eq=False)
 class VolHash(Effect):
-    """Per-chunk digests of a volume ("0" for a chunk of zeros)."""
+    """Per-chunk digests of a volume, or of ``length`` bytes from ``offset`` ("0" for a chunk of zeros)."""
 
     volume: str
     chunk: int
+    offset: int = 0
+    length: int = -1                 # to the end of the volume
 
 
 @dataclass(slots=True, eq=False)

@@ -440,9 +440,11 @@ class Migrations:
             try:
                 reply = yield from self.core.call(src.node, src.control, "mig.source_status",
                                                   {"volumes": names}, timeout_s=5.0)
+                # V1's copy rate, also from the poll that finds it complete: a copy that ends
+                # between two polls showed 0 MiB/s (the bench's migration without keys)
+                self.rate_bytes_s = float(reply.get("rate_bytes_s", 0.0)) or self.rate_bytes_s
                 if all(s.get(flag) for s in reply["volumes"]):
                     return
-                self.rate_bytes_s = float(reply.get("rate_bytes_s", 0.0))
                 self.waiting_for[tm.id] = f"{src.node}: not yet {flag}"
             except NodeUnreachable as exc:
                 self.waiting_for[tm.id] = f"{src.node}: {exc}"

@@ -102,6 +102,7 @@ class NodeCore:
         from .migration import Migrations
         from .primary import PrimarySide
         from .secondary import SecondarySide
+        from .verify import OnlineVerify
         self.name, self.control = name, control
         self.cfg = cfg or Config()
         self.rt = Runtime()
@@ -120,12 +121,13 @@ class NodeCore:
         self.primary = PrimarySide(self)
         self.secondary = SecondarySide(self)
         self.mig = Migrations(self)
+        self.verify = OnlineVerify(self)
         self.handlers: dict[str, Handler] = {
             "ping": self._h_ping, "status": self._h_status,
             "volume.create": self._h_volume_create, "volume.delete": self._h_volume_delete,
             "volume.hash": self._h_volume_hash,
         }
-        for part in (self.primary, self.secondary, self.mig):
+        for part in (self.primary, self.secondary, self.mig, self.verify):
             self.handlers.update(part.handlers())
 
     # ================================================================== events

@@ -384,3 +384,54 @@ def remove(d: Directory, node: str) -> Proc:
         yield Ask(node, "mig.unregister_source", {"volume": v["name"]})                    # S1602 (2),(3)
         removed.append(label)
     return {"node": node, "unregistered": removed}
+
+
+# ---------------------------------------------------------------------- online verify
+def online_verify(d: Directory, a: str, b: str, clock: Callable[[], float], repair: bool = False,
+                  regions: int = 8, rate_bytes_s: float = 0.0, timeout_s: float = 600.0,
+                  progress: Callable[[dict[str, Any]], None] | None = None, request_timeout_s: float = 120.0) -> Proc:
+    """Compare a duplex pair while the host writes (core/verify.py); mark what differs in its diff
+    bitmap (the pair is suspended for that) and, with ``repair``, resync it and wait for duplex."""
+    na, nb = parse_volume(a)[0], parse_volume(b)[0]
+    st = yield from status(d, only=[na, nb])
+    pair = next((p for p in st["pairs"] if {p["primary"], p["secondary"]} == {a, b}), None)
+    if pair is None:
+        raise StateError(f"{a} and {b} are not a remote-copy pair; compare them with rcopy verify "
+                         f"(without --online)")
+    primary = pair["primary"]
+    pnode, pvol = parse_volume(primary)
+    size = next(v["size"] for v in st["volumes"] if v["node"] == pnode and v["name"] == pvol)
+    out: dict[str, Any] = {"primary": primary, "secondary": pair["secondary"], "size": size, "checked_bytes": 0,
+                           "same_bytes": 0, "different": [], "busy": [], "dirty": [], "flapped": 0,
+                           "chunk_bytes": 0, "started": clock()}
+    offset = 0
+    while offset < size:
+        r = yield Ask(pnode, "verify.regions", {"volume": pvol, "offset": offset, "regions": regions},
+                      timeout_s=request_timeout_s)
+        for k in ("different", "busy", "dirty"):
+            out[k] += r[k]
+        out["same_bytes"] += r["same"]
+        out["flapped"] += r["flapped"]
+        out["chunk_bytes"] = r["chunk_bytes"]
+        out["checked_bytes"] += r["bytes"]
+        offset = r["end"]
+        if progress:
+            progress(out)
+        if rate_bytes_s > 0:
+            yield Pause(r["bytes"] / rate_bytes_s)
+    out["seconds"] = round(clock() - out.pop("started"), 3)
+    out["identical"] = not out["different"]
+    if out["different"]:
+        chunk = out["chunk_bytes"]
+        reply = yield Ask(pnode, "verify.mark", {
+            "volume": pvol, "ranges": [[o, min(chunk, size - o)] for o in out["different"]],
+            "reason": f"verify found {len(out['different'])} out-of-sync chunk(s); resume resyncs them"})
+        out["marked_bytes"] = reply["dirty_bytes"]
+        out["state"] = reply["state"]
+        if repair:
+            yield from pair_command(d, "resume", primary)
+            done = yield from wait_pair(d, primary, lambda p: p["state"] == T.DUPLEX, timeout_s,
+                                        f"the resync of {primary}", clock)
+            out["state"] = done["state"]
+            out["repaired"] = True
+    return out

@@ -27,6 +27,7 @@ from .applier import OrderedApplier
 from .effects import SaveApplied, VolWrite, VolZero
 from .model import DestGroupInfo, PeerVolume
 from .runtime import Sleep, Wait
+from .verify import INF, ChangeLog
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -47,6 +48,7 @@ class DestGroup:
     record_busy: bool = False         # a SaveApplied is in flight (they are written one at a time)
     pull_cursor: dict[str, int] = field(default_factory=dict)
     batches: int = 0
+    changes: ChangeLog = field(default_factory=lambda: ChangeLog(64 * 1024))   # for online verify
 
     @property
     def name(self) -> str:
@@ -76,7 +78,8 @@ class SecondarySide:
     def recover_group(self, info: DestGroupInfo, record: tuple[int, int]) -> None:
         applied, applying = record
         dg = DestGroup(info, OrderedApplier(last_applied=applied,
-                                            buffer_bytes_max=self.core.cfg.reorder_bytes_max))
+                                            buffer_bytes_max=self.core.cfg.reorder_bytes_max),
+                       changes=ChangeLog(self.core.verify.chunk_bytes()))
         dg.durable_applied, dg.record = applied, (applied, max(applied, applying))
         dg.applier.highest_received = applied
         if applying > applied:
@@ -118,6 +121,7 @@ class SecondarySide:
             touched: dict[str, "Volume"] = {}
             try:
                 for seq, (vol, offset, data) in run:             # S2702/S2703, oldest first
+                    dg.changes.note(core.rt.now, vol.name, offset, len(data), seq)
                     yield VolWrite(vol.name, offset, data)
                     vol.syncer.wrote()
                     touched[vol.name] = vol
@@ -279,6 +283,8 @@ class SecondarySide:
         regions = vol.regions(offset, length)
         yield from vol.locks.acquire(regions)
         try:
+            if vol.info.group in self.groups:
+                self.groups[vol.info.group].changes.note(core.rt.now, vol.name, offset, length, INF)
             if zero:
                 yield VolZero(vol.name, offset, zero)
             else:
@@ -335,7 +341,8 @@ class SecondarySide:
             ginfo = DestGroupInfo(group, resyncing=[vol.name])
             core.dest_group_info[group] = ginfo
             start = int(msg["next_seq"]) - 1
-            dg = DestGroup(ginfo, OrderedApplier(last_applied=start, buffer_bytes_max=core.cfg.reorder_bytes_max))
+            dg = DestGroup(ginfo, OrderedApplier(last_applied=start, buffer_bytes_max=core.cfg.reorder_bytes_max),
+                           changes=ChangeLog(core.verify.chunk_bytes()))
             dg.applier.highest_received = start
             yield SaveApplied(group, start, start)
             dg.durable_applied, dg.record = start, (start, start)

@@ -10,7 +10,7 @@ from multiprocessing import Pool
 from typing import Any
 
 from . import Result, run_seed
-from .scenario import FAULTS, PROCEDURES
+from .scenario import EXTRA_PROCEDURES, FAULTS, PROCEDURES
 
 
 def _run(args: tuple[int, tuple[str, ...] | None, tuple[str, ...] | None]) -> Result:
@@ -46,14 +46,15 @@ def main(argv: list[str] | None = None, prog: str = "rcopy sim") -> int:
     p.add_argument("--start", type=int, default=0, help="the first seed (default 0)")
     p.add_argument("--seed", type=int, help="replay this one seed and print its event trace")
     p.add_argument("--faults", help=f"only these fault kinds, comma-separated ({', '.join(FAULTS)})")
-    p.add_argument("--procedures", help=f"only these procedures ({', '.join(PROCEDURES)})")
+    p.add_argument("--procedures", help=f"only these procedures ({', '.join(PROCEDURES)}; and "
+                                        f"{', '.join(EXTRA_PROCEDURES)}, not in the default mix)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
     p.add_argument("--trace", type=int, default=80, help="with --seed: trace lines to print (default 80)")
     p.add_argument("--verbose", action="store_true", help="with --seed: trace every effect of every daemon")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = p.parse_args(argv)
     faults = _choices(args.faults, FAULTS, "fault kinds")
-    procedures = _choices(args.procedures, PROCEDURES, "procedures")
+    procedures = _choices(args.procedures, PROCEDURES + EXTRA_PROCEDURES, "procedures")
 
     if args.seed is not None:
         r = run_seed(args.seed, faults, procedures, keep_trace=True, verbose=args.verbose)

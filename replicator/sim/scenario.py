@@ -33,6 +33,7 @@ REGION_BYTES = 4096
 PROCEDURES = ("steady", "initial-copy", "suspend-resume", "journal-full", "migrate", "migrate-abort",
               "migrate-remove", "migrate-resume")
 FAULTS = ("none", "kill", "power", "pause", "cut", "slow")
+EXTRA_PROCEDURES = ("verify",)   # only with --procedures (the default run's seeds stay as they were)
 
 SIM_CONFIG = Config(region_bytes=REGION_BYTES, sync_timeout_s=0.4, copy_wait_s=1.0, peer_timeout_s=1.5,
                     control_timeout_s=1.0, heartbeat_s=0.1, link_retry_s=0.02, pull_idle_s=0.05,
@@ -128,6 +129,7 @@ class Run:
         self.injected: list[str] = []
         self.powered_off: dict[str, bool] = {}
         self.quiet = False
+        self.verified = 0
 
     # ------------------------------------------------------------------ terminal
     def proc(self, gen: Generator[Any, Any, Any], done: Callable[[Any, BaseException | None], None]) -> None:
@@ -226,6 +228,28 @@ class Run:
                  "resume")
         elif proc.startswith("migrate"):
             w.at(at, self._start_migration)
+        elif proc == "verify":
+            for start in (at, at + self.rnd.uniform(0.2, 0.5)):
+                w.at(start, self._start_verify)
+
+    def _start_verify(self) -> None:
+        """Online verify under the host's load: a healthy pair shows no difference, not even once."""
+        def done(r: Any, e: BaseException | None) -> None:
+            self.w.log(f"terminal: verify --online: {'ok' if e is None else e}"
+                       + (f" ({r['checked_bytes']} bytes, {len(r['busy'])} busy, {len(r['dirty'])} marked)"
+                          if r else ""))
+            if e is not None and not isinstance(e, RcopyError):
+                self.w.violation(f"terminal verify raised {type(e).__name__}: {e}")
+            elif e is not None:
+                self.failures.append(f"verify: {e}")
+            elif r["different"] or r["flapped"]:
+                self.w.violation(f"online verify found a difference on a healthy pair: chunks {r['different'][:5]}, "
+                                 f"{r['flapped']} differed once")
+            else:
+                self.verified += 1
+        self.w.log("terminal: verify --online")
+        self.proc(P.online_verify(self.d, "site-a1:v1", "site-b:v3", lambda: self.w.now, regions=2,
+                                  request_timeout_s=5.0), done)
 
     def _start(self, gen: Generator[Any, Any, Any], what: str) -> None:
         def done(v: Any, e: BaseException | None) -> None:

@@ -293,9 +293,10 @@ class World:
         elif isinstance(eff, E.VolHash):
             import hashlib
             f = disk.volumes[eff.volume]
+            end = len(f.current) if eff.length < 0 else min(len(f.current), eff.offset + eff.length)
             out = []
-            for off in range(0, len(f.current), eff.chunk):
-                chunk = f.read(off, eff.chunk)
+            for off in range(eff.offset, end, eff.chunk):
+                chunk = f.read(off, min(eff.chunk, end - off))
                 out.append("0" if not any(chunk) else hashlib.blake2b(chunk, digest_size=16).hexdigest())
             return out
         elif isinstance(eff, E.BitmapPut):
