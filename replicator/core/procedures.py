@@ -406,6 +406,7 @@ def online_verify(d: Directory, a: str, b: str, clock: Callable[[], float], repa
                            "chunk_bytes": 0, "started": clock()}
     offset = 0
     while offset < size:
+        asked = clock()
         r = yield Ask(pnode, "verify.regions", {"volume": pvol, "offset": offset, "regions": regions},
                       timeout_s=request_timeout_s)
         for k in ("different", "busy", "dirty"):
@@ -417,8 +418,8 @@ def online_verify(d: Directory, a: str, b: str, clock: Callable[[], float], repa
         offset = r["end"]
         if progress:
             progress(out)
-        if rate_bytes_s > 0:
-            yield Pause(r["bytes"] / rate_bytes_s)
+        if rate_bytes_s > 0 and r["bytes"] / rate_bytes_s > clock() - asked:
+            yield Pause(r["bytes"] / rate_bytes_s - (clock() - asked))
     out["seconds"] = round(clock() - out.pop("started"), 3)
     out["identical"] = not out["different"]
     if out["different"]:

@@ -27,7 +27,7 @@ from .applier import OrderedApplier
 from .effects import SaveApplied, VolWrite, VolZero
 from .model import DestGroupInfo, PeerVolume
 from .runtime import Sleep, Wait
-from .verify import INF, ChangeLog
+from .verify import ChangeLog
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -283,8 +283,8 @@ class SecondarySide:
         regions = vol.regions(offset, length)
         yield from vol.locks.acquire(regions)
         try:
-            if vol.info.group in self.groups:
-                self.groups[vol.info.group].changes.note(core.rt.now, vol.name, offset, length, INF)
+            if dg is not None:   # a copy holds the primary's bytes after entry after_seq, and more
+                dg.changes.note(core.rt.now, vol.name, offset, length, after_seq + 1)
             if zero:
                 yield VolZero(vol.name, offset, zero)
             else:

@@ -55,7 +55,7 @@ class ChangeLog:
         self.until = now + keep_s
 
     def note(self, now: float, volume: str, offset: int, length: int, seq: int) -> None:
-        """An entry (``seq``; INF for a copy) is about to change these bytes."""
+        """Entry ``seq`` (a region copy: the number after the one it follows) is about to change these bytes."""
         if now >= self.until:
             if self.last:
                 self.last.clear()
