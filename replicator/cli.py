@@ -136,7 +136,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError("--repair goes with --online")
     if args.online:
         return _verify_online(args)
-    r = _terminal(args).verify(args.a, args.b, wait=not args.no_wait, timeout_s=args.timeout)
+    tty = sys.stderr.isatty()
+
+    def show(done: int, size: int) -> None:
+        if size > 1 << 30 and not args.json:      # more than one request: say how far it is
+            line = f"rcopy: verify {args.a} {args.b}: {done / size:.0%} ({done >> 20} of {size >> 20} MiB)"
+            print("\r" + line.ljust(79) if tty else line, end="" if tty and done < size else "\n",
+                  file=sys.stderr, flush=True)
+    r = _terminal(args).verify(args.a, args.b, wait=not args.no_wait, timeout_s=args.timeout, progress=show)
     if r["identical"]:
         _emit(args, r, f"{args.a} and {args.b} are identical ({r['size']} bytes)")
         return 0

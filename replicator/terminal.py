@@ -144,19 +144,28 @@ class Terminal:
         return st
 
     # ------------------------------------------------------------------ verify
-    def verify(self, a: str, b: str, wait: bool = True, timeout_s: float = 600.0) -> dict[str, Any]:
-        """Wait until replication between ``a`` and ``b`` has drained, then compare contents."""
+    def verify(self, a: str, b: str, wait: bool = True, timeout_s: float = 600.0,
+               progress: Callable[[int, int], None] | None = None, piece: int = 1 << 30) -> dict[str, Any]:
+        """Wait until replication between ``a`` and ``b`` has drained, then compare contents,
+        ``piece`` bytes per request (so a large volume streams, with progress)."""
         if wait:
             self.wait_drained(a, b, timeout_s)
         (na, va), (nb, vb) = parse_volume(a), parse_volume(b)
-        ha = self.node_request(na, "volume.hash", timeout_s=600, name=va).fields
-        hb = self.node_request(nb, "volume.hash", timeout_s=600, name=vb).fields
-        if ha["size"] != hb["size"]:
-            return {"identical": False, "reason": f"sizes differ: {ha['size']} vs {hb['size']}",
+        sizes = [self.node_request(n, "volume.hash", timeout_s=60, name=v, length=0).fields["size"]
+                 for n, v in ((na, va), (nb, vb))]
+        if sizes[0] != sizes[1]:
+            return {"identical": False, "reason": f"sizes differ: {sizes[0]} vs {sizes[1]}",
                     "differences": []}
-        chunk = ha["chunk"]
-        diffs = [i * chunk for i, (x, y) in enumerate(zip(ha["digests"], hb["digests"])) if x != y]
-        return {"identical": not diffs, "size": ha["size"], "chunks": len(ha["digests"]),
+        size, diffs, chunks, chunk = sizes[0], [], 0, 0
+        for offset in range(0, size, piece):
+            ha, hb = (self.node_request(n, "volume.hash", timeout_s=600, name=v, offset=offset, length=piece).fields
+                      for n, v in ((na, va), (nb, vb)))
+            chunk = ha["chunk"]
+            diffs += [offset + i * chunk for i, (x, y) in enumerate(zip(ha["digests"], hb["digests"])) if x != y]
+            chunks += len(ha["digests"])
+            if progress:
+                progress(min(size, offset + piece), size)
+        return {"identical": not diffs, "size": size, "chunks": chunks,
                 "differing_chunks": len(diffs), "differences": diffs[:10], "chunk_bytes": chunk}
 
     def verify_online(self, a: str, b: str, repair: bool = False, rate_bytes_s: float = 0.0,

@@ -347,8 +347,13 @@ class NodeCore:
         chunk = int(msg.get("chunk", self.cfg.region_bytes))
         if chunk <= 0 or chunk > 64 << 20:
             raise UsageError("chunk must be in (0, 64 MiB]")
-        digests = yield VolHash(vol.name, chunk)
-        return wire.ok(size=vol.info.size, chunk=chunk, digests=digests)
+        offset = int(msg.get("offset", 0))
+        length = int(msg.get("length", vol.info.size - offset))
+        if offset % chunk or length < 0:
+            raise UsageError("offset must be a multiple of chunk, length >= 0")
+        vol.check(offset, min(length, vol.info.size - offset))
+        digests = yield VolHash(vol.name, chunk, offset, length)
+        return wire.ok(size=vol.info.size, chunk=chunk, offset=offset, digests=digests)
 
     # ================================================================== status
     def _h_status(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
