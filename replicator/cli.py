@@ -116,7 +116,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"  {p['primary']} -> {p['secondary']}  {p['mode']:<5} group={p['group']} "
                      f"state={p['state']} lag={p['lag_writes']} writes/{p['lag_bytes']} bytes/{p.get('lag_seconds', 0):.1f}s "
                      + (f"applied={p['applied_seq']} journal={p['journal_used_bytes'] / 2**20:.1f}MiB "
-                        if p["mode"] == "async" else "") +
+                        if p["mode"] == "async" else "")
+                     + (f"throttled={p['throttle_ms']:g}ms " if p.get("throttle_ms") else "") +
                      f"valid={p['copy_source_valid']}" + (f"  ({p['suspend_reason']})" if p.get("suspend_reason") else ""))
     if st["migrations"]:
         lines.append("MIGRATIONS")

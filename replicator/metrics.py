@@ -52,6 +52,10 @@ class NodeCollector(Collector):
         seq = GaugeMetricFamily("rcopy_sequence", "Sequence numbers of a consistency group",
                                 labels=["node", "group", "pointer"])
         used = GaugeMetricFamily("rcopy_journal_used_bytes", "Journal bytes in use", labels=["node", "group"])
+        throttled = CounterMetricFamily("rcopy_journal_throttled_writes", "Host writes slowed by back-pressure "
+                                        "(journal past its high-water mark)", labels=["node", "group"])
+        delay = GaugeMetricFamily("rcopy_journal_throttle_seconds", "Current back-pressure delay per host write",
+                                  labels=["node", "group"])
         capacity = GaugeMetricFamily("rcopy_journal_capacity_bytes", "Journal size", labels=["node", "group"])
         for g in st["groups"]:
             for ptr in ("counter", "stored", "transferred", "applied", "discarded"):
@@ -61,7 +65,10 @@ class NodeCollector(Collector):
                 used.add_metric([n, g["group"]], g["journal_used_bytes"])
             if "journal_capacity_bytes" in g:
                 capacity.add_metric([n, g["group"]], g["journal_capacity_bytes"])
-        yield from (seq, used, capacity)
+            if "throttled_writes" in g:
+                throttled.add_metric([n, g["group"]], g["throttled_writes"])
+                delay.add_metric([n, g["group"]], g["throttle_ms"] / 1000)
+        yield from (seq, used, capacity, throttled, delay)
 
         frac = GaugeMetricFamily("rcopy_migration_migrated_fraction", "Fraction of regions migrated",
                                  labels=["source", "target"])

@@ -78,7 +78,7 @@ groups:
           severity: warning
         annotations:
           summary: "{{ $labels.node }}: journal of group {{ $labels.group }} above %(journal_high_water_pct)s full"
-          description: "A full journal suspends the group's pairs (its entries are folded into the diff bitmap); check the link to the secondary."
+          description: "Past the mark host writes are slowed (back-pressure); a full journal suspends the group's pairs (its entries are folded into the diff bitmap). Check the link to the secondary."
       - alert: RcopyMigrationPhaseStuck
         expr: >-
           (rcopy_migration_phase{job="%(job)s", phase!="done"} == 1)

@@ -20,6 +20,8 @@ class Config:
     push_batch_entries: int = 1024
     discard_every_s: float = 0.05           # under load, free applied journal space this often
     journal_bytes_default: int = 256 * MiB
+    journal_high_water: float = 0.8         # past this fill, async host writes are slowed (back-pressure)
+    throttle_max_s: float = 0.5             # by this * x * x per write, x = how far past the mark (0..1)
     reorder_bytes_max: int = 256 * MiB      # the secondary's buffer of entries waiting for a gap
     apply_batch_bytes: int = 8 * MiB        # entries applied per durable batch at the secondary
     pending_hold_max_s: float = 120.0       # a host request waits at most this long in PENDING

@@ -284,6 +284,11 @@ class PrimarySide:
 
     def _write_async(self, vol: "Volume", offset: int, data: bytes | memoryview) -> Generator[Any, Any, None]:
         g = self.groups[vol.info.group]
+        delay = g.throttle_s()
+        if delay and not self._bypasses(vol, g, offset, len(data)):   # back-pressure, before the journal is full (the fold is the last resort)
+            g.throttled += 1
+            g.throttled_s += delay
+            yield Sleep(delay)
         while g.folding:            # no write may bypass the journal while it still holds live entries
             yield Wait(("folded", g.name))
         if self._bypasses(vol, g, offset, len(data)):
@@ -709,8 +714,10 @@ class PrimarySide:
         lag_writes = lag_bytes = journal_used = 0
         lag_seconds = 0.0
         applied = stored = None
+        throttle = {}
         g = self.groups.get(info.group) if info.mode == "async" else None
         if g is not None:
+            throttle = {"throttle_ms": round(g.throttle_s() * 1000, 1), "throttled_writes": g.throttled}
             lag_writes, lag_bytes = g.stored - g.applied, g.pending_bytes()
             applied, stored, journal_used = g.applied, g.stored, g.space.used()
             lag_seconds = g.lag_seconds()
@@ -721,7 +728,7 @@ class PrimarySide:
                 "lag_writes": lag_writes, "lag_bytes": lag_bytes + dirty, "dirty_bytes": dirty,
                 "lag_seconds": round(lag_seconds, 3), "applied_seq": applied, "stored_seq": stored,
                 "journal_used_bytes": journal_used, "copied_bytes": v.copied_bytes,
-                "copy_source_valid": self.core.mig.valid_of(v)}
+                "copy_source_valid": self.core.mig.valid_of(v), **throttle}
 
 
 def core_peer(core: "NodeCore", volume: str) -> PeerVolume:

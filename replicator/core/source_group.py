@@ -67,6 +67,8 @@ class SourceGroup:
         self.last_discard = 0.0
         self.lag: deque[tuple[int, float]] = deque()
         self.live_bytes = 0                                     # data bytes of entries (discarded, stored]
+        self.throttled = 0                                      # host writes slowed by back-pressure
+        self.throttled_s = 0.0
         if state is not None:
             self._restore(state)
 
@@ -98,6 +100,23 @@ class SourceGroup:
         self.pending.append(p)
         self.core.rt.notify(("append", self.name))
         return p
+
+    def batch_bytes(self) -> int:
+        """Journal data per push or pull: at most an eighth of the journal, so space comes back
+        (applied, then discarded) in steps small enough for back-pressure to hold the fill."""
+        return max(1, min(self.core.cfg.push_batch_bytes, self.space.capacity // 8))
+
+    def throttle_s(self) -> float:
+        """Back-pressure: how long a host write waits before it is journaled. Nothing below the
+        high-water mark or while the link is down (the wait could not drain anything); past it,
+        throttle_max_s * x * x for the overshoot x (0..1), so the host settles where the link
+        drains it, a little past the mark."""
+        cfg = self.core.cfg
+        fill = self.space.used() / self.space.capacity if self.space.capacity else 0.0
+        if fill <= cfg.journal_high_water or not self.link_up:
+            return 0.0
+        x = min(1.0, (fill - cfg.journal_high_water) / (1.0 - cfg.journal_high_water))
+        return cfg.throttle_max_s * x * x
 
     def wait_stored(self, p: Pending) -> Generator[Any, Any, bool]:
         """Until ``p`` and every earlier entry are stored; False if it was folded instead."""
@@ -311,7 +330,7 @@ class SourceGroup:
                 continue
             entries: list[JEntry] = []
             if start <= limit:
-                last = self._batch_end(start, limit, cfg.push_batch_bytes)
+                last = self._batch_end(start, limit, self.batch_bytes())
                 yield from self.make_durable(last)
                 try:
                     entries = yield JournalRead(self.name, start, last)
@@ -357,7 +376,7 @@ class SourceGroup:
                                  f"(it holds {self.discarded + 1}..{self.stored})")
         yield from self.note_applied(int(msg.get("applied", 0)))
         last = self._batch_end(start, last_avail, min(int(msg.get("max_bytes", cfg.push_batch_bytes)),
-                                                      cfg.push_batch_bytes))
+                                                      self.batch_bytes()))
         yield from self.make_durable(last)
         entries = yield JournalRead(self.name, start, last)
         if entries:
@@ -392,4 +411,6 @@ class SourceGroup:
                 "durable": self.durable, "transferred": self.transferred, "applied": self.applied,
                 "discarded": self.discarded, "journal_used_bytes": self.space.used(),
                 "journal_capacity_bytes": self.space.capacity, "link_up": self.link_up,
-                "last_error": self.last_error, "queued": len(self.pending)}
+                "last_error": self.last_error, "queued": len(self.pending),
+                "throttled_writes": self.throttled, "throttled_seconds": round(self.throttled_s, 3),
+                "throttle_ms": round(self.throttle_s() * 1000, 1)}

@@ -55,6 +55,7 @@ def test_a_full_journal_folds_into_the_bitmap_and_the_host_never_fails() -> None
     from .test_core import finish_copy
     finish_copy(h)
     reqs = [h.write("v1", i * 512, block("f")) for i in range(6)]   # the secondary applies nothing
+    h.advance(5.0)                      # past the high-water mark the writes are slowed first
     assert all(r in h.host and h.host[r].error is None for r in reqs)
     v = h.core.volumes["v1"]
     assert v.info.pair_state == T.SUSPENDED and v.info.suspend_reason == "journal full"
@@ -63,3 +64,19 @@ def test_a_full_journal_folds_into_the_bitmap_and_the_host_never_fails() -> None
     i_drop = max(i for i, e in enumerate(h.trace) if isinstance(e, E.JournalDiscard))
     i_save = max(i for i, e in enumerate(h.trace[:i_drop]) if isinstance(e, E.SaveMgmt))
     assert i_bits < i_save < i_drop        # bits, then "suspended", durably, before any entry goes
+
+
+def test_back_pressure_slows_host_writes_past_the_high_water_mark_but_not_while_the_link_is_down() -> None:
+    h = primary("async")
+    g = h.core.primary.groups["v1"]
+    cap = g.space.capacity
+    assert g.throttle_s() == 0.0
+    g.space.used = lambda: int(0.9 * cap)                # half-way from the 80 % mark to full
+    assert abs(g.throttle_s() - h.core.cfg.throttle_max_s * 0.25) < 0.01
+    r = h.write("v1", 0, block("t"))
+    assert r not in h.host                               # waiting, not refused
+    h.advance(0.2)
+    assert r in h.host and h.host[r].error is None and g.throttled == 1
+    g.link_up = False                                    # nothing drains: no use slowing the host
+    assert g.throttle_s() == 0.0
+    assert g.batch_bytes() <= cap // 8                   # space comes back in small steps
