@@ -125,6 +125,8 @@ class NodeStorage:
             if eff.sparse and store.is_hole(eff.offset, eff.length):
                 return None
             return store.read(eff.offset, eff.length)
+        elif isinstance(eff, E.VolHoleRun):
+            return self.stores[eff.volume].hole_run(eff.offset, eff.length)
         elif isinstance(eff, E.VolSync):
             self.stores[eff.volume].flush()
         elif isinstance(eff, E.VolZero):
@@ -223,6 +225,8 @@ class NodeStorage:
     def _hash(self, name: str, chunk: int, offset: int = 0, length: int = -1) -> list[str]:
         store, size = self.stores[name], self._sizes[name]
         end = size if length < 0 else min(size, offset + length)
+        if store.is_hole(offset, end - offset):        # a sparse range: one SEEK_DATA
+            return ["0"] * -(-(end - offset) // chunk)
         out = []
         for off in range(offset, end, chunk):
             n = min(chunk, end - off)

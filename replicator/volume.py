@@ -53,6 +53,14 @@ class VolumeStore:
             return True
         return nxt >= offset + length
 
+    def hole_run(self, offset: int, length: int) -> int:
+        """Bytes from ``offset`` on (at most ``length``) that hold no data: one SEEK_DATA."""
+        try:
+            nxt = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after offset
+            return length
+        return max(0, min(nxt - offset, length))
+
     def flush(self) -> None:
         os.fdatasync(self.fd)
 

@@ -95,6 +95,19 @@ class Bitmap:
         self.bits[r.start:r.stop] = True
         return self._bytes(r.start // 8, (r.stop - 1) // 8 + 1)
 
+    def clear_regions(self, r: range) -> Change | None:
+        if r.stop <= r.start or not self.bits[r.start:r.stop].any():
+            return None
+        self.bits[r.start:r.stop] = False
+        return self._bytes(r.start // 8, (r.stop - 1) // 8 + 1)
+
+    def run_set(self, region: int, limit: int) -> int:
+        """How many regions from ``region`` on are set, one after the other (at most ``limit``)."""
+        n = 0
+        while n < limit and region + n < self.nregions and self.bits[region + n]:
+            n += 1
+        return n
+
     def set(self, region: int) -> Change | None:
         return self._put(region, True)
 

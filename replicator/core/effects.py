@@ -46,6 +46,15 @@ class VolWrite(Effect):
 
 
 @dataclass(slots=True, eq=False)
+class VolHoleRun(Effect):
+    """How many bytes from ``offset`` on (at most ``length``) hold no data (read as zeros)."""
+
+    volume: str
+    offset: int
+    length: int
+
+
+@dataclass(slots=True, eq=False)
 class VolZero(Effect):
     """Make a range read as zeros (punch a hole)."""
 

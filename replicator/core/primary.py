@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generator
 from .. import wire
 from ..errors import NodeUnreachable, RcopyError, StateError, UsageError
 from . import tables as T
-from .effects import JournalCreate, JournalDelete, VolRead, VolWrite, VolZero
+from .effects import JournalCreate, JournalDelete, VolHoleRun, VolRead, VolWrite, VolZero
 from .model import PeerVolume, SourceGroupInfo, check_name
 from .runtime import Sleep, Wait
 from .source_group import SourceGroup
@@ -483,6 +483,8 @@ class PrimarySide:
                 if done:
                     return
                 continue
+            if (yield from self._copy_holes(vol, region)):
+                continue
             offset, length = vol.diff.extent(region)
             regions = range(region, region + 1)
             yield from vol.locks.acquire(regions)
@@ -519,6 +521,41 @@ class PrimarySide:
                 vol.copied_bytes += length
             finally:
                 vol.locks.release(regions)
+
+    def _copy_holes(self, vol: "Volume", region: int) -> Generator[Any, Any, bool]:
+        """Dirty regions from ``region`` on that hold no data go as one zero command (up to
+        copy_hole_regions of them, one SEEK_DATA, one round trip); False if ``region`` itself holds
+        data or fewer than two such regions are there (the region-by-region copy takes it)."""
+        cfg = self.core.cfg
+        if vol.info.rw_mode != T.NORMAL:
+            return False                              # a migration fetches regions first
+        run = vol.diff.run_set(region, cfg.copy_hole_regions)
+        if run < 2:
+            return False
+        regions = range(region, region + run)
+        yield from vol.locks.acquire(regions)
+        try:
+            run = vol.diff.run_set(region, run)      # what is still dirty now that we hold them
+            offset = vol.diff.extent(region)[0]
+            end = min(vol.info.size, offset + run * cfg.region_bytes)
+            if run < 2 or vol.info.pair_state != T.COPYING:
+                return False
+            hole = yield VolHoleRun(vol.name, offset, end - offset)
+            n = run if hole == end - offset else hole // cfg.region_bytes
+            if n < 2:
+                return False
+            length = min(vol.info.size, offset + n * cfg.region_bytes) - offset
+            after = self.groups[vol.info.group].stored if vol.info.mode == "async" else 0
+            try:
+                yield from self.send_copy(vol, offset, None, zero=length, after_seq=after)
+            except RcopyError:
+                return False                          # the region-by-region copy decides what to do
+            yield from vol.syncer.sync()              # as for one region (S1509)
+            yield from vol.maps["diff"].update(vol.diff.clear_regions(range(region, region + n)))
+            vol.copied_bytes += length
+            return True
+        finally:
+            vol.locks.release(regions)
 
     def _copy_finished(self, vol: "Volume") -> Generator[Any, Any, bool]:
         info = vol.info

@@ -388,7 +388,7 @@ def remove(d: Directory, node: str) -> Proc:
 
 # ---------------------------------------------------------------------- online verify
 def online_verify(d: Directory, a: str, b: str, clock: Callable[[], float], repair: bool = False,
-                  regions: int = 8, rate_bytes_s: float = 0.0, timeout_s: float = 600.0,
+                  regions: int = 256, rate_bytes_s: float = 0.0, timeout_s: float = 600.0,
                   progress: Callable[[dict[str, Any]], None] | None = None, request_timeout_s: float = 120.0) -> Proc:
     """Compare a duplex pair while the host writes (core/verify.py); mark what differs in its diff
     bitmap (the pair is suspended for that) and, with ``repair``, resync it and wait for duplex."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Generator
 from .. import wire
 from ..errors import StateError, UsageError
 from . import tables as T
-from .effects import VolHash
+from .effects import VolHash, VolHoleRun
 
 if TYPE_CHECKING:
     from .node import NodeCore
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 SAME, DIFFERENT, BUSY, DIRTY = "=", "x", "?", "-"
 ATTEMPTS = 6                       # reads of a busy chunk before it is reported unverified
-REGIONS_MAX = 64                   # regions per verify.regions request
+REGIONS_MAX = 1024                 # regions per verify.regions request
+ITEMS_PER_ASK = 64                 # spans per verify.compare message
 INF = 1 << 62
 
 
@@ -69,6 +70,8 @@ class ChangeLog:
         first = offset // self.chunk
         if seq < self.floor:
             return [True] * count
+        if not self.last:
+            return [False] * count
         return [self.last.get((volume, c), -1) > seq for c in range(first, first + count)]
 
     def forget_through(self, seq: int) -> None:
@@ -111,29 +114,35 @@ class OnlineVerify:
             raise UsageError(f"verify.regions: offset must be a multiple of {rb} inside the volume, "
                              f"regions in 1..{REGIONS_MAX}")
         end = min(vol.info.size, offset + count * rb)
-        todo = [(off, min(chunk, end - off)) for off in range(offset, end, chunk)]
+        todo = yield from self._spans(vol, offset, end)
         seen_different: set[int] = set()
         out: dict[str, Any] = {"same": 0, "different": [], "busy": [], "dirty": [], "flapped": 0,
                                "region_bytes": rb, "chunk_bytes": chunk, "end": end}
         for attempt in range(ATTEMPTS):
             if not todo:
                 break
-            codes = yield from self._compare_round(vol, todo, out)
+            codes = yield from self._compare_round(vol, todo)
             again = []
-            for (off, n), code in zip(todo, codes):
-                if code == SAME:
-                    out["same"] += n
-                    if off in seen_different:
-                        out["flapped"] += 1
-                        self.core.log("warning", f"verify {vol.name}: chunk at {off} differed, then matched")
-                elif code == DIFFERENT and off in seen_different:
-                    out["different"].append(off)
-                elif code == DIRTY:
-                    out["dirty"].append(off)
-                else:
-                    if code == DIFFERENT:
-                        seen_different.add(off)
-                    again.append((off, n))
+            for (off, n), span_codes in zip(todo, codes):
+                if span_codes == SAME * len(span_codes) and not seen_different:
+                    out["same"] += n                            # the common case, at once
+                    continue
+                for i, code in enumerate(span_codes):           # one code per chunk of the span
+                    c_off = off + i * chunk
+                    c_len = min(chunk, off + n - c_off)
+                    if code == SAME:
+                        out["same"] += c_len
+                        if c_off in seen_different:
+                            out["flapped"] += 1
+                            self.core.log("warning", f"verify {vol.name}: chunk at {c_off} differed, then matched")
+                    elif code == DIFFERENT and c_off in seen_different:
+                        out["different"].append(c_off)
+                    elif code == DIRTY:
+                        out["dirty"].append(c_off)
+                    else:
+                        if code == DIFFERENT:
+                            seen_different.add(c_off)
+                        again.append((c_off, c_len))
             todo = again
             if todo and attempt:
                 yield from self._pause(attempt)
@@ -141,13 +150,26 @@ class OnlineVerify:
         out["bytes"] = end - offset
         return wire.ok(**out)
 
+    def _spans(self, vol: "Volume", offset: int, end: int) -> Generator[Any, Any, list[tuple[int, int]]]:
+        """The first round's spans: one per region, but a run of regions without data at the
+        primary (one SEEK_DATA) is one span, so a sparse volume costs little."""
+        rb = self.core.cfg.region_bytes
+        spans: list[tuple[int, int]] = []
+        off = offset
+        while off < end:
+            hole = yield VolHoleRun(vol.name, off, end - off)
+            n = (end - off) if hole >= end - off else max(rb, hole - hole % rb)
+            spans.append((off, n))
+            off += n
+        return spans
+
     def _pause(self, attempt: int) -> Generator[Any, Any, None]:
         from .runtime import Sleep
         yield Sleep(min(0.5, 0.01 * (2 ** attempt)))
 
-    def _compare_round(self, vol: "Volume", spans: list[tuple[int, int]],
-                       out: dict[str, Any]) -> Generator[Any, Any, list[str]]:
-        """Read each span under its region lock, then let the secondary compare; one code per span."""
+    def _compare_round(self, vol: "Volume", spans: list[tuple[int, int]]) -> Generator[Any, Any, list[str]]:
+        """Read each span under its regions' lock, then let the secondary compare; one string of
+        codes (one per chunk) per span."""
         chunk = self.chunk_bytes()
         sync = vol.info.mode == "sync"
         codes: list[str] = []
@@ -159,11 +181,11 @@ class OnlineVerify:
             try:
                 self._check_verifiable(vol)
                 if vol.diff.any_set(off, n):
-                    codes.append(DIRTY)         # not compared: the resync copies it
+                    codes.append(DIRTY * -(-n // chunk))     # not compared: the resync copies it
                     continue
-                digest = (yield VolHash(vol.name, chunk, off, n))[0]
+                digests = yield VolHash(vol.name, chunk, off, n)
                 seq = 0 if sync else self.core.primary.groups[vol.info.group].counter - 1
-                item = [off, n, seq, digest]
+                item = [off, n, seq, "0" if all(d == "0" for d in digests) else digests]
                 if sync:                        # compared while no write to it can be in flight
                     reply = yield from self._ask(vol, [item])
                     codes.append(reply[0])
@@ -171,30 +193,31 @@ class OnlineVerify:
             finally:
                 vol.locks.release(regions)
             index.append(len(codes))
-            codes.append(BUSY)
+            codes.append("")
             items.append(item)
-        if items:
-            answers = yield from self._ask(vol, items)
-            for i, code in zip(index, answers):
+        for start in range(0, len(items), ITEMS_PER_ASK):
+            answers = yield from self._ask(vol, items[start:start + ITEMS_PER_ASK])
+            for i, code in zip(index[start:start + ITEMS_PER_ASK], answers):
                 codes[i] = code
         self._check_verifiable(vol)             # suspended meanwhile: the answers mean nothing
         return codes
 
-    def _ask(self, vol: "Volume", items: list[list[Any]]) -> Generator[Any, Any, str]:
+    def _ask(self, vol: "Volume", items: list[list[Any]]) -> Generator[Any, Any, list[str]]:
         dest = vol.info.copy_dest_info
         assert dest is not None
         reply = yield from self.core.call(dest.node, dest.control, "verify.compare", {
             "volume": dest.volume, "source": self.core.name, "epoch": vol.info.copy_epoch,
             "items": items}, timeout_s=self.core.cfg.copy_wait_s + self.core.cfg.control_timeout_s)
-        codes = str(reply["codes"])
-        if len(codes) != len(items):
-            raise StateError(f"verify.compare answered {len(codes)} codes for {len(items)} chunks")
+        codes = [str(c) for c in reply["codes"]]
+        chunk = self.chunk_bytes()
+        if [len(c) for c in codes] != [-(-int(it[1]) // chunk) for it in items]:
+            raise StateError("verify.compare answered codes that do not match the chunks asked for")
         return codes
 
     # ================================================================== at the secondary
     def _h_compare(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
-        """Compare chunks with the primary's digests, each at the primary's point ``seq``
-        (0: now, a sync pair)."""
+        """Compare spans with the primary's digests (per chunk, or "0": all zeros), each at the
+        primary's point ``seq`` (0: now, a sync pair); one string of codes per span."""
         core = self.core
         vol = core.volume(msg["volume"])
         if vol.info.remote_copy_flag != "dest":
@@ -202,36 +225,42 @@ class OnlineVerify:
         source = str(msg["source"])
         core.secondary.accept_source(vol, source)
         core.secondary._check_epoch(vol, int(msg["epoch"]), source)
-        items = [(int(o), int(n), int(s), str(d)) for o, n, s, d in msg["items"]]
-        for off, n, _, _ in items:
+        chunk = self.chunk_bytes()
+        items = [(int(o), int(n), int(s), d) for o, n, s, d in msg["items"]]
+        for off, n, _, d in items:
             vol.check(off, n)
+            if off % chunk or (d != "0" and (not isinstance(d, list) or len(d) != -(-n // chunk))):
+                raise UsageError("verify.compare: an item's digests do not match its chunks")
         if not vol.info.consistent:
-            return wire.ok(codes=BUSY * len(items))
+            return wire.ok(codes=[BUSY * -(-n // chunk) for _, n, _, _ in items])
         dg = core.secondary.groups.get(vol.info.group) if vol.info.mode == "async" else None
         point = max((s for _, _, s, _ in items), default=0)
         if dg is not None:
-            log = dg.changes
-            log.start(core.rt.now, core.cfg.copy_wait_s, max(dg.applier.last_applied, dg.record[1]))
+            dg.changes.start(core.rt.now, core.cfg.copy_wait_s, max(dg.applier.last_applied, dg.record[1]))
             deadline = core.rt.now + core.cfg.copy_wait_s
             from .runtime import Wait
             while dg.applier.last_applied < point and core.rt.now < deadline:
                 yield Wait(("applied", dg.name), timeout_s=deadline - core.rt.now)
         codes = []
-        for off, n, seq, digest in items:
-            if dg is not None and (dg.applier.last_applied < seq
-                                   or dg.changes.changed_after(vol.name, off, 1, seq)[0]):
-                codes.append(BUSY)
+        for off, n, seq, theirs in items:
+            count = -(-n // chunk)
+            if dg is not None and dg.applier.last_applied < seq:
+                codes.append(BUSY * count)
                 continue
-            mine = (yield VolHash(vol.name, self.chunk_bytes(), off, n))[0]
-            if dg is not None and dg.changes.changed_after(vol.name, off, 1, seq)[0]:
-                codes.append(BUSY)              # an entry after seq landed while it was read
-            elif not vol.info.consistent:
-                codes.append(BUSY)
-            else:
-                codes.append(SAME if mine == digest else DIFFERENT)
+            before = dg.changes.changed_after(vol.name, off, count, seq) if dg is not None else [False] * count
+            mine = yield VolHash(vol.name, chunk, off, n)
+            after = dg.changes.changed_after(vol.name, off, count, seq) if dg is not None else [False] * count
+            if theirs == "0" and not any(before) and not any(after) and vol.info.consistent \
+                    and mine.count("0") == count:
+                codes.append(SAME * count)              # zeros on both sides: a sparse span
+                continue
+            theirs = ["0"] * count if theirs == "0" else theirs
+            codes.append("".join(
+                BUSY if b or a or not vol.info.consistent else SAME if m == t else DIFFERENT
+                for b, a, m, t in zip(before, after, mine, theirs)))
         if dg is not None:
             dg.changes.forget_through(point)
-        return wire.ok(codes="".join(codes))
+        return wire.ok(codes=codes)
 
     # ================================================================== marking
     def _h_mark(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:

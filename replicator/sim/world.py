@@ -276,6 +276,10 @@ class World:
         elif isinstance(eff, E.VolRead):
             data = disk.volumes[eff.volume].read(eff.offset, eff.length)
             return None if eff.sparse and not any(data) else data
+        elif isinstance(eff, E.VolHoleRun):
+            data = disk.volumes[eff.volume].read(eff.offset, eff.length)
+            stripped = data.lstrip(b"\0")
+            return len(data) - len(stripped)
         elif isinstance(eff, E.VolZero):
             disk.volumes[eff.volume].write(eff.offset, bytes(eff.length))
         elif isinstance(eff, E.VolSync):

@@ -252,7 +252,6 @@ def test_defect1_a_failed_handover_goes_back_to_through_and_can_be_resumed() -> 
 def test_defect3_a_background_task_that_fails_is_restarted_and_reported() -> None:
     h = primary("async")
     pump(h)
-    h.write("v1", 0, block("a"))
     real = h.world.storage
     broken = {"n": 0}
 
@@ -262,6 +261,7 @@ def test_defect3_a_background_task_that_fails_is_restarted_and_reported() -> Non
             raise IntegrityError("journal g: entry 1 is corrupt")
         return real(d, eff)
     h.world.storage = storage  # type: ignore[method-assign]
+    h.write("v1", 0, block("a"))          # its push may read the journal at once
     pump(h, 2)
     assert broken["n"] == 1 and "IntegrityError" in h.core.task_errors.get("push-v1", "")
     assert h.core.status()["task_errors"]                         # it shows
