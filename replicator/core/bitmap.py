@@ -96,10 +96,23 @@ class Bitmap:
         return self._bytes(r.start // 8, (r.stop - 1) // 8 + 1)
 
     def clear_regions(self, r: range) -> Change | None:
-        if r.stop <= r.start or not self.bits[r.start:r.stop].any():
+        return self._put_run(r, False)
+
+    def set_regions(self, r: range) -> Change | None:
+        return self._put_run(r, True)
+
+    def _put_run(self, r: range, value: bool) -> Change | None:
+        if r.stop <= r.start or self.bits[r.start:r.stop].count(value) == len(r):
             return None
-        self.bits[r.start:r.stop] = False
+        self.bits[r.start:r.stop] = value
         return self._bytes(r.start // 8, (r.stop - 1) // 8 + 1)
+
+    def run_clear(self, region: int, limit: int) -> int:
+        """How many regions from ``region`` on are clear, one after the other (at most ``limit``)."""
+        n = 0
+        while n < limit and region + n < self.nregions and not self.bits[region + n]:
+            n += 1
+        return n
 
     def run_set(self, region: int, limit: int) -> int:
         """How many regions from ``region`` on are set, one after the other (at most ``limit``)."""

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Generator
 from .. import wire
 from ..errors import NodeUnreachable, ProtocolError, RcopyError, StateError, UsageError
 from . import tables as T
-from .effects import VolRead, VolWrite, VolZero
+from .effects import VolHoleRun, VolRead, VolWrite, VolZero
 from .model import Member, PeerVolume, SourceMigration, TargetMigration
 from .runtime import Sleep, Wait
 
@@ -617,10 +617,15 @@ class Migrations:
         def stream() -> Generator[Any, Any, None]:
             try:
                 while (region := take()) is not None:
+                    run = range(region, region + 1)
                     try:
-                        yield from self._push_region(v, target, region)
-                        yield from v.maps["migrated"].update(v.migrated.set(region))   # S915
-                        state["copied"] += v.migrated.extent(region)[1]
+                        n = yield from self._push_holes(v, target, region, taken)
+                        if n:
+                            run = range(region, region + n)
+                        else:
+                            yield from self._push_region(v, target, region)
+                        yield from v.maps["migrated"].update(v.migrated.set_regions(run))   # S915
+                        state["copied"] += sum(v.migrated.extent(r)[1] for r in run)
                         elapsed = max(core.rt.now - state["start"], 1e-6)
                         self.rate_bytes_s = state["copied"] / elapsed
                         if sm.rate_limit_bytes_s:
@@ -628,7 +633,7 @@ class Migrations:
                             if ahead > 0:
                                 yield Sleep(min(ahead, 5.0))
                     finally:
-                        taken.discard(region)
+                        taken.difference_update(run)
             finally:
                 state["running"] -= 1
                 core.rt.notify(key)
@@ -639,6 +644,36 @@ class Migrations:
                 core.rt.spawn(stream(), f"copy-stream-{v.name}-{i}", on_exit=lambda t, e, r: None)
             while state["running"] > 0:
                 yield Wait(key)
+
+    def _push_holes(self, v: "Volume", target: PeerVolume, region: int,
+                    taken: set[int]) -> Generator[Any, Any, int]:
+        """Unmigrated regions from ``region`` on that hold no data go to V2 as one zero command (up
+        to copy_hole_regions, one SEEK_DATA); how many, or 0 (fewer than two: one by one)."""
+        cfg = self.core.cfg
+        run = v.migrated.run_clear(region, cfg.copy_hole_regions)
+        run = next((i for i in range(1, run) if region + i in taken), run)
+        if run < 2:
+            return 0
+        offset = v.migrated.extent(region)[0]
+        end = min(v.info.size, offset + run * cfg.region_bytes)
+        taken.update(range(region, region + run))
+        n = 0
+        try:
+            hole = yield VolHoleRun(v.name, offset, end - offset)
+            n = run if hole == end - offset else hole // cfg.region_bytes
+            if n < 2:
+                return 0
+            length = min(v.info.size, offset + n * cfg.region_bytes) - offset
+            yield from self.core.call(target.node, target.control, "mig.region", {
+                "volume": target.volume, "region": region, "count": n, "zero": length},
+                timeout_s=self.core.cfg.peer_timeout_s)
+            return n
+        except RcopyError as exc:
+            self.core.log("warning", f"background copy to {target.node}: {exc}; going on region by region")
+            n = 0
+            return 0
+        finally:                                 # the caller releases what it returns
+            taken.difference_update(range(region + max(n, 1), region + run))
 
     def _push_region(self, v: "Volume", target: PeerVolume, region: int) -> Generator[Any, Any, None]:
         """Send one region to V2, retrying while it does not answer."""
@@ -670,12 +705,16 @@ class Migrations:
     def _h_region(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """S914 on 2_2: store a pushed region unless V2 already has it (invariant 7)."""
         v = self.core.volume(msg["volume"])
-        region = int(msg["region"])
-        if not 0 <= region < v.migrated.nregions:
-            raise UsageError(f"region {region} out of range")
+        region, count = int(msg["region"]), int(msg.get("count", 1))
+        if not 0 <= region < v.migrated.nregions or not 1 <= count <= v.migrated.nregions - region:
+            raise UsageError(f"regions {region}+{count} out of range")
         tm = self.target_of(v)
         if tm is None or tm.phase not in (T.TRANSITIONAL, T.MIGRATING):
             raise StateError(f"{self.core.name}:{v.name} is not migrating")
+        if count > 1:
+            if not msg.get("zero"):
+                raise ProtocolError("mig.region: several regions only as a zero command")
+            return (yield from self._zero_regions(v, range(region, region + count)))
         offset, length = v.migrated.extent(region)
         regions = range(region, region + 1)
         yield from v.locks.acquire(regions)
@@ -694,6 +733,31 @@ class Migrations:
         finally:
             v.locks.release(regions)
         return wire.ok(skipped=False)
+
+    def _zero_regions(self, v: "Volume", regions: range) -> Generator[Any, Any, wire.Message]:
+        """S914 for a run of V1's regions without data: zero those V2 does not hold yet."""
+        yield from v.locks.acquire(regions)
+        try:
+            runs: list[range] = []
+            for r in regions:                   # the unmigrated ones, in runs
+                if v.migrated.is_set(r):
+                    continue
+                if runs and runs[-1].stop == r:
+                    runs[-1] = range(runs[-1].start, r + 1)
+                else:
+                    runs.append(range(r, r + 1))
+            for run in runs:
+                offset = v.migrated.extent(run.start)[0]
+                end = sum(v.migrated.extent(run.stop - 1))
+                yield VolZero(v.name, offset, end - offset)
+            if runs:
+                v.syncer.wrote()
+                yield from v.syncer.sync()      # the zeros durable before their bits
+                for i, run in enumerate(runs):
+                    yield from v.maps["migrated"].update(v.migrated.set_regions(run), sync=i == len(runs) - 1)
+        finally:
+            v.locks.release(regions)
+        return wire.ok(skipped=not runs)
 
     def _h_dual_write(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         v = self.core.volume(msg["volume"])

@@ -338,3 +338,24 @@ def test_defect2_a_damaged_migrated_bitmap_stops_the_migration_instead_of_guessi
     assert tm.state == T.FAILED and "damaged" in tm.error
     req = again.write("v2", 0, block("x"))
     assert isinstance(again.host[req].error, StateError)
+
+
+def test_a_run_of_holes_from_v1_never_zeroes_a_region_v2_already_holds() -> None:
+    """The background copy sends V1's regions without data as one zero command; V2 zeroes only
+    the regions it has not migrated (one may hold a newer host write), zeros durable before bits."""
+    h = migrating_target()
+    h.write("v2", 4096 + 512, block("n"))                        # region 1: fetched, then written
+    h.answer(h.pending("mig.fetch")[0], wire.ok([bytes(4096)], zero=0))
+    h.answer(h.pending("pair.write")[0], wire.ok())
+    h.answer(h.pending("mig.dual_write")[0], wire.ok())
+    nregions = h.core.volumes["v2"].migrated.nregions
+    h.ok("mig.region", volume="v2", region=0, count=nregions, zero=SIZE)
+    v2 = h.volume_file("v2")
+    assert v2[4096 + 512:4096 + 1024] == block("n")                # kept
+    assert h.core.volumes["v2"].migrated.all_set()
+    zeros = [e for e in h.trace if isinstance(e, E.VolZero) and e.volume == "v2"]
+    assert [(z.offset, z.length) for z in zeros] == [(0, 4096), (8192, SIZE - 8192)]
+    i_zero, i_sync, i_bit = order(h, lambda e: isinstance(e, E.VolZero) and e.volume == "v2",
+                                  lambda e: isinstance(e, E.VolSync) and e.volume == "v2",
+                                  lambda e: isinstance(e, E.BitmapSync) and e.kind == "migrated")
+    assert i_zero < i_sync < i_bit
