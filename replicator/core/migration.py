@@ -43,6 +43,7 @@ class Migrations:
         self.relays: dict[str, int] = {}         # V2 volume -> relays in flight (THROUGH)
         self.rate_bytes_s = 0.0
         self.waiting_for: dict[str, str] = {}    # migration id -> what it waits for
+        self.saved_stage: dict[str, str] = {}    # source migration id -> its stage as last made durable
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -285,6 +286,7 @@ class Migrations:
             elif isinstance(m, TargetMigration) and m.state == T.FAILED and m.phase == T.THROUGH:
                 self.core.service(f"thaw-{m.id}", lambda m=m: self._thaw_source(m))
             elif isinstance(m, SourceMigration):
+                self.saved_stage[m.id] = m.stage             # as loaded: durable
                 for name in m.volumes:
                     v = self.core.volumes.get(name)
                     if v is not None and v.info.mode == "async" and m.stage != T.PREPARED:
@@ -589,11 +591,13 @@ class Migrations:
                     yield Wait(("stored", g.name), timeout_s=core.cfg.poll_s)
             T.go(T.SOURCE_STAGE, sm, T.DRAINED)                      # S910
             yield from core.save()
+            self.saved_stage[sm.id] = sm.stage
         if sm.stage == T.DRAINED:
             for v in vols:                                            # S912-S915
                 yield from self._background_copy(sm, v)
             T.go(T.SOURCE_STAGE, sm, T.COMPLETE)                      # S916
             yield from core.save()
+            self.saved_stage[sm.id] = sm.stage
 
     def _background_copy(self, sm: SourceMigration, v: "Volume") -> Generator[Any, Any, None]:
         """S912-S915: push every unmigrated region to V2, copy_streams regions in flight."""
@@ -777,8 +781,12 @@ class Migrations:
             v = self.core.volume(name)
             sm = self.source_of(v)
             stage = sm.stage if sm else ""
-            out.append({"volume": name, "stage": stage, "drained": stage in (T.DRAINED, T.COMPLETE),
-                        "complete": stage == T.COMPLETE, "migrated_fraction": v.migrated.fraction_set()})
+            # drained and complete only once durable: V2 acts on them (V3 stops taking V1), and a
+            # V1 that restarted in handed_over could never learn again that V3 has its backlog
+            # (seed 133260 of the long run)
+            saved = self.saved_stage.get(sm.id, "") if sm else ""
+            out.append({"volume": name, "stage": stage, "drained": saved in (T.DRAINED, T.COMPLETE),
+                        "complete": saved == T.COMPLETE, "migrated_fraction": v.migrated.fraction_set()})
         return wire.ok(volumes=out, rate_bytes_s=self.rate_bytes_s)
         yield
 

@@ -373,8 +373,8 @@ class NodeCore:
                          "migrated_fraction": v.migrated.fraction_set() if info.rw_mode != T.NORMAL else None,
                          "frozen": bool(src and src.stage != T.PREPARED),
                          "migrated_to": info.migration_dest_info.label if info.migration_dest_info else None,
-                         "drained": bool(src and src.stage in (T.DRAINED, T.COMPLETE)),
-                         "complete": bool(src and src.stage == T.COMPLETE)})
+                         "drained": bool(src and self.mig.saved_stage.get(src.id) in (T.DRAINED, T.COMPLETE)),
+                         "complete": bool(src and self.mig.saved_stage.get(src.id) == T.COMPLETE)})
             if info.remote_copy_flag == "source" and info.copy_dest_info:
                 pairs.append(self.primary.pair_status(v))
         groups = [g.status() for g in self.primary.groups.values()]

@@ -36,6 +36,7 @@ class PrimarySide:
 
     def __init__(self, core: "NodeCore") -> None:
         self.core = core
+        self._resuming: set[str] = set()        # groups (or sync volumes) being resumed
         self.groups: dict[str, SourceGroup] = {}
 
     def handlers(self) -> dict[str, Any]:
@@ -398,7 +399,21 @@ class PrimarySide:
         return self.core.members(vol.info.group) if vol.info.mode == "async" else [vol]
 
     def resume(self, vol: "Volume") -> Generator[Any, Any, None]:
-        """Differential resync (SPEC 4.10): copy only the regions marked in diff_bitmap."""
+        """Differential resync (SPEC 4.10): copy only the regions marked in diff_bitmap. One at a
+        time per group (or sync volume): a user's resume and the automatic one must not both
+        start a resync with the same epoch, or the second drops what the first already sent
+        (seed 132530 of the long run)."""
+        key = vol.info.group if vol.info.mode == "async" else vol.name
+        while key in self._resuming:
+            yield Wait(("resumed", key))
+        self._resuming.add(key)
+        try:
+            yield from self._resume(vol)
+        finally:
+            self._resuming.discard(key)
+            self.core.rt.notify(("resumed", key))
+
+    def _resume(self, vol: "Volume") -> Generator[Any, Any, None]:
         members = self._members_of(vol)
         if all(m.info.pair_state != T.SUSPENDED for m in members):
             return

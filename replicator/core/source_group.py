@@ -241,6 +241,10 @@ class SourceGroup:
                 self.core.primary.set_suspended(v, reason)   # in between must not leave a duplex pair
             yield from self.core.save()        # missing entries its secondary still needs
             if self.stored > self.discarded:
+                # The resync copies the volumes' images: what the entries wrote there (also by a
+                # roll-forward at start) must be durable before the journal forgets it (seed 109020)
+                for v in vols.values():
+                    yield from v.syncer.sync()
                 yield JournalDiscard(self.name, through=self.stored)        # then drop the entries
                 self._freed(self.stored)
             self.applied = max(self.applied, self.stored)

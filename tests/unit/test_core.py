@@ -359,3 +359,47 @@ def test_a_run_of_holes_from_v1_never_zeroes_a_region_v2_already_holds() -> None
                                   lambda e: isinstance(e, E.VolSync) and e.volume == "v2",
                                   lambda e: isinstance(e, E.BitmapSync) and e.kind == "migrated")
     assert i_zero < i_sync < i_bit
+
+
+# ================================================================== found by the long run of 2026-12-01
+def test_a_fold_makes_the_entries_data_durable_in_the_volume_before_it_discards_them() -> None:
+    """Seed 109020: after a restart the roll-forward writes live entries into the volume's page
+    cache; a fold then dropped them from the journal, and a second power loss lost them."""
+    h = primary("async")
+    for i in range(3):
+        h.write("v1", i * 512, block("r"))
+    h.ok("pair.suspend", volume="v1")                             # folds the unapplied entries
+    i_sync, i_drop = order(h, lambda e: isinstance(e, E.VolSync) and e.volume == "v1",
+                           lambda e: isinstance(e, E.JournalDiscard))
+    last_write = max(i for i, e in enumerate(h.trace) if isinstance(e, E.VolWrite) and e.volume == "v1")
+    last_sync = max(i for i, e in enumerate(h.trace[:i_drop]) if isinstance(e, E.VolSync) and e.volume == "v1")
+    assert last_write < last_sync < i_drop
+
+
+def test_two_resumes_at_once_start_one_resync() -> None:
+    """Seed 132530: the user's resume and the automatic one both sent resync_begin with one epoch;
+    the late second one dropped the entries V3 had buffered since the first, and V3 stalled."""
+    h = primary("async")
+    h.ok("pair.suspend", volume="v1")
+    first = h.request("pair.resume", volume="v1")
+    second = h.request("pair.resume", volume="v1")
+    assert first is None and second is None                       # both wait for V3
+    begins = h.pending("pair.resync_begin")
+    assert len(begins) == 1
+    h.answer(begins[0], wire.ok())
+    assert not h.pending("pair.resync_begin")                      # the second found it resumed
+    assert sum(isinstance(e, E.Call) and e.msg.kind == "pair.resync_begin" for e in h.trace) == 1
+
+
+def test_v1_reports_drained_only_once_that_is_durable() -> None:
+    """Seed 133260: V2 acted on 'drained' (V3 stopped taking V1) before V1 had saved it; V1
+    restarted in handed_over and waited for ever for an applied report from V3."""
+    h = source_ready("async")
+    h.ok("mig.handover", volumes=["v1"], target="site-a2", id="m", attempt="x/1")
+    sm = h.core.migrations["m"]
+    T.go(T.SOURCE_STAGE, sm, T.HANDED_OVER)
+    T.go(T.SOURCE_STAGE, sm, T.DRAINED)                            # in memory, not saved yet
+    st = h.ok("mig.source_status", volumes=["v1"])["volumes"][0]
+    assert st["stage"] == T.DRAINED and not st["drained"]
+    h.core.mig.saved_stage["m"] = T.DRAINED                        # what source_procedure sets after save()
+    assert h.ok("mig.source_status", volumes=["v1"])["volumes"][0]["drained"]
