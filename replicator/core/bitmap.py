@@ -89,11 +89,7 @@ class Bitmap:
 
     # -- updates (each returns what changed, or None) ---------------------
     def set_range(self, offset: int, length: int) -> Change | None:
-        r = self.regions(offset, length)
-        if r.stop <= r.start or self.bits[r.start:r.stop].all():
-            return None
-        self.bits[r.start:r.stop] = True
-        return self._bytes(r.start // 8, (r.stop - 1) // 8 + 1)
+        return self._put_run(self.regions(offset, length), True)
 
     def clear_regions(self, r: range) -> Change | None:
         return self._put_run(r, False)
@@ -107,17 +103,10 @@ class Bitmap:
         self.bits[r.start:r.stop] = value
         return self._bytes(r.start // 8, (r.stop - 1) // 8 + 1)
 
-    def run_clear(self, region: int, limit: int) -> int:
-        """How many regions from ``region`` on are clear, one after the other (at most ``limit``)."""
+    def run(self, region: int, limit: int, value: bool = True) -> int:
+        """How many regions from ``region`` on are ``value`` (set), one after the other (at most ``limit``)."""
         n = 0
-        while n < limit and region + n < self.nregions and not self.bits[region + n]:
-            n += 1
-        return n
-
-    def run_set(self, region: int, limit: int) -> int:
-        """How many regions from ``region`` on are set, one after the other (at most ``limit``)."""
-        n = 0
-        while n < limit and region + n < self.nregions and self.bits[region + n]:
+        while n < limit and region + n < self.nregions and self.bits[region + n] == value:
             n += 1
         return n
 

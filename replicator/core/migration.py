@@ -654,7 +654,7 @@ class Migrations:
         """Unmigrated regions from ``region`` on that hold no data go to V2 as one zero command (up
         to copy_hole_regions, one SEEK_DATA); how many, or 0 (fewer than two: one by one)."""
         cfg = self.core.cfg
-        run = v.migrated.run_clear(region, cfg.copy_hole_regions)
+        run = v.migrated.run(region, cfg.copy_hole_regions, False)
         run = next((i for i in range(1, run) if region + i in taken), run)
         if run < 2:
             return 0

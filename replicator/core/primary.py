@@ -544,13 +544,13 @@ class PrimarySide:
         cfg = self.core.cfg
         if vol.info.rw_mode != T.NORMAL:
             return False                              # a migration fetches regions first
-        run = vol.diff.run_set(region, cfg.copy_hole_regions)
+        run = vol.diff.run(region, cfg.copy_hole_regions)
         if run < 2:
             return False
         regions = range(region, region + run)
         yield from vol.locks.acquire(regions)
         try:
-            run = vol.diff.run_set(region, run)      # what is still dirty now that we hold them
+            run = vol.diff.run(region, run)      # what is still dirty now that we hold them
             offset = vol.diff.extent(region)[0]
             end = min(vol.info.size, offset + run * cfg.region_bytes)
             if run < 2 or vol.info.pair_state != T.COPYING:
