@@ -50,6 +50,12 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_volume(args: argparse.Namespace) -> int:
+    if args.action == "delete":
+        r = _terminal(args).volume_delete(args.volume)
+        _emit(args, r, f"deleted {args.volume} (its file is gone)")
+        return 0
+    if not args.size:
+        raise UsageError("rcopy volume create needs --size (e.g. 512M, 4G)")
     r = _terminal(args).volume_create(args.volume, parse_size(args.size))
     _emit(args, r, f"created {args.volume} ({r['size']} bytes)")
     return 0
@@ -353,10 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["start", "stop"])
     sp.add_argument("node")
 
-    sp = command("volume", cmd_volume, "create a volume")
-    sp.add_argument("action", choices=["create"])
+    sp = command("volume", cmd_volume, "create a volume, or delete one that is in no pair or migration")
+    sp.add_argument("action", choices=["create", "delete"])
     sp.add_argument("volume", metavar="NODE:VOL")
-    sp.add_argument("--size", required=True, help="e.g. 512M, 4G")
+    sp.add_argument("--size", help="create: e.g. 512M, 4G")
 
     sp = command("pair", cmd_pair, "create, suspend, resume or delete a remote-copy pair")
     psub = sp.add_subparsers(dest="action", required=True)
@@ -401,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue a migration that stopped (node restart)")
     sp.add_argument("--abort", action="store_true", help="abort a migration that has not handed over yet")
 
-    sp = command("remove", cmd_remove, "unregister an old node after its primaries were migrated away")
-    sp.add_argument("node")
+    sp = command("remove", cmd_remove, "unregister an old node after its primaries were migrated away "
+                                       "(NODE:VOL: one old volume, after a migration inside its node)")
+    sp.add_argument("node", metavar="NODE[:VOL]")
 
     sp = command("status", cmd_status, "nodes, volumes, pairs, migrations")
     sp.add_argument("--watch", action="store_true",

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from . import process, wire
 from .cluster import Cluster, Endpoint, load, parse_volume
 from .core import procedures as P
+from .core import tables as T
 from .keys import load as load_keys
 from .errors import NodeUnreachable, NotFound, RcopyError, StateError, UsageError
 from .transport import ClientPool
@@ -107,6 +108,10 @@ class Terminal:
         node, vol = parse_volume(spec)
         return self.node_request(node, "volume.create", name=vol, size=size).fields
 
+    def volume_delete(self, spec: str) -> dict[str, Any]:
+        node, vol = parse_volume(spec)
+        return self.node_request(node, "volume.delete", name=vol).fields
+
     def pair_create(self, primary: str, secondary: str, mode: str, group: str | None = None,
                     transfer: str = "push", journal_bytes: int | None = None,
                     auto_resume: bool = True) -> dict[str, Any]:
@@ -183,7 +188,7 @@ class Terminal:
         primary = pair["primary"]
 
         def drained(p: dict[str, Any]) -> bool:
-            if p["state"] == "suspended" and (p.get("suspend_reason") == "suspended by user"
+            if p["state"] == "suspended" and (p.get("suspend_reason") in T.HELD_SUSPENSIONS
                                               or not p.get("auto_resume", True)):
                 raise StateError(f"pair {primary} is suspended ({p.get('suspend_reason')}); "
                                  f"resume it (rcopy pair resume {primary}) or use --no-wait")
@@ -259,7 +264,7 @@ class Terminal:
         return self.run(P.wait_migration(self.d, target, timeout_s, time.monotonic, progress))
 
     def remove(self, node: str) -> dict[str, Any]:
-        """S1601-S1604: unregister an old node whose primaries were all migrated away."""
+        """S1601-S1604: unregister an old node (or NODE:VOL, one old volume) migrated away."""
         return self.run(P.remove(self.d, node))
 
     # ------------------------------------------------------------------ running procedures

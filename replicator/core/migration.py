@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from .volume import Volume
 
 
+def source_key(mid: str) -> str:
+    """Where V1's record of migration ``mid`` is kept: apart from V2's, which may be on the same
+    node (a migration inside one node, SPEC 1.7)."""
+    return f"{mid} (source)"
+
+
 class Migrations:
     """Programs 203 (target) and 204 (source) of one node, and V3's part."""
 
@@ -75,6 +81,23 @@ class Migrations:
         """V2 took over from this V1 (so it may have dual-written to it since)."""
         sm = self.source_of(vol)
         return sm is not None and sm.stage in (T.HANDED_OVER, T.DRAINED, T.COMPLETE)
+
+    def superseded(self, vol: "Volume") -> bool:
+        """V1 whose V2 on this same node has taken its place in the consistency group: its
+        journal entries are the group's, its regions to resynchronise are V2's."""
+        return self.successor(vol) is not None
+
+    def successor(self, vol: "Volume") -> "Volume | None":
+        sm = self.source_of(vol)
+        if sm is None or sm.stage == T.PREPARED:
+            return None
+        dest = sm.target.get(vol.name)
+        v2 = self.core.volumes.get(dest.volume) if dest is not None and dest.node == self.core.name else None
+        return v2 if v2 is not None and v2.info.remote_copy_flag == "source" else None
+
+    def local(self, sm: SourceMigration) -> bool:
+        """Is V2 on this node (the group and its journal are shared with it)?"""
+        return all(t.node == self.core.name for t in sm.target.values())
 
     def valid_of(self, vol: "Volume") -> str:
         return T.SOURCE_1
@@ -229,19 +252,22 @@ class Migrations:
         if vol.info.rw_mode != T.NORMAL:
             raise StateError(f"{core.name}:{vol.name} is itself the target of a migration")
         mid = str(msg.get("id") or f"{core.name}:{vol.name}")
+        key = source_key(mid)
         target = PeerVolume.of(msg["target"])
-        sm = core.migrations.get(mid)
-        if vol.info.migration and vol.info.migration != mid:
+        if target.node == core.name and target.volume == vol.name:
+            raise UsageError(f"{core.name}:{vol.name} cannot migrate onto itself")
+        sm = core.migrations.get(key)
+        if vol.info.migration and vol.info.migration != key:
             raise StateError(f"{core.name}:{vol.name} is already in migration {vol.info.migration}")
         if sm is None:
             sm = SourceMigration(mid, [], {}, rate_limit_bytes_s=int(msg.get("rate_limit_bytes_s") or 0))
-            core.migrations[mid] = sm
+            core.migrations[key] = sm
         elif not isinstance(sm, SourceMigration) or sm.stage != T.PREPARED:
             raise StateError(f"migration {mid} has already started")
         if vol.name not in sm.volumes:
             sm.volumes.append(vol.name)
         sm.target[vol.name] = target
-        vol.info.migration = mid
+        vol.info.migration = key
         vol.info.migration_dest_info = target
         yield from core.save()
         return wire.ok()
@@ -289,7 +315,7 @@ class Migrations:
                 self.saved_stage[m.id] = m.stage             # as loaded: durable
                 for name in m.volumes:
                     v = self.core.volumes.get(name)
-                    if v is not None and v.info.mode == "async" and m.stage != T.PREPARED:
+                    if v is not None and v.info.mode == "async" and m.stage != T.PREPARED and not self.local(m):
                         g = self.core.primary.groups.get(v.info.group)
                         if g is not None:
                             g.handover_below = m.handover_seq
@@ -458,6 +484,8 @@ class Migrations:
         if tm is None or tm.phase != T.TRANSITIONAL:
             return False
         src = tm.source_node
+        if src.node == self.core.name:
+            return False        # one journal: the resync's fold moves V1's backlog into V2's bits too
         try:
             reply = yield from self.core.call(src.node, src.control, "mig.source_status",
                                               {"volumes": [m.source.volume for m in tm.members]}, timeout_s=5.0)
@@ -538,7 +566,8 @@ class Migrations:
                 yield Wait(("stored", g.name), timeout_s=1.0)
             yield from g.make_durable(g.stored)     # the backlog below N0 must survive a power loss here
             sm.handover_seq = g.counter                               # N0: V2's first number
-            g.handover_below = sm.handover_seq
+            if not self.local(sm):            # on this node V2 numbers on in the same journal
+                g.handover_below = sm.handover_seq
             journal = {"counter": g.counter, "capacity_bytes": g.space.capacity, "head": g.space.head}
         yield from core.save()
         return wire.ok(members=members, handover_seq=sm.handover_seq, journal=journal)
@@ -822,10 +851,11 @@ class Migrations:
         v = core.volume(msg["volume"])
         if v.info.copy_source_valid == T.TRANSITIONAL:
             raise StateError(f"{core.name}:{v.name} still receives from both sources")
+        gone = str(msg["source_node"]), str(msg.get("source_volume", ""))
         keep = [p for i, p in enumerate(v.info.copy_source_info, 1)
-                if p.node != msg["source_node"] and T.source_accepted(v.info.copy_source_valid, i)]
+                if not p.names(*gone) and T.source_accepted(v.info.copy_source_valid, i)]
         if not keep:
-            raise StateError(f"removing {msg['source_node']} would leave {v.name} without a source")
+            raise StateError(f"removing {':'.join(x for x in gone if x)} would leave {v.name} without a source")
         v.info.copy_source_info = keep
         if v.info.copy_source_valid == T.SOURCE_2:
             T.go(T.COPY_SOURCE_VALID, v.info, T.SOURCE_1)
@@ -861,12 +891,12 @@ class Migrations:
         v.info.remote_copy_flag, v.info.mode, v.info.group = "off", "", ""
         v.info.copy_dest_info = None
         v.info.migration_dest_info = None
-        v.info.migration = ""
+        key, v.info.migration = v.info.migration, ""
         v.maps["diff"].note(v.diff.clear_all())
         if sm is not None:
             sm.volumes = [n for n in sm.volumes if n != v.name]
             if not sm.volumes:
-                core.migrations.pop(sm.id, None)
+                core.migrations.pop(key, None)
         yield from v.maps["diff"].persist()
         yield from core.save()
         yield from core.primary.drop_group_if_unused(group)
@@ -904,20 +934,21 @@ class Migrations:
         if sm is not None and sm.stage != T.PREPARED:
             raise StateError(f"{core.name}:{v.name} has already handed over")
         v.info.migration_dest_info = None
-        v.info.migration = ""
+        key, v.info.migration = v.info.migration, ""
         if sm is not None:
             sm.volumes = [n for n in sm.volumes if n != v.name]
             sm.target.pop(v.name, None)
             if not sm.volumes:
-                core.migrations.pop(sm.id, None)
+                core.migrations.pop(key, None)
         yield from core.save()
         return wire.ok()
 
     def _h_drop_source(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """Abort before the handover: V3 forgets a copy source it never accepted data from."""
         v = self.core.volume(msg["volume"])
+        gone = str(msg["source_node"]), str(msg.get("source_volume", ""))
         v.info.copy_source_info = [p for i, p in enumerate(v.info.copy_source_info, 1)
-                                   if p.node != msg["source_node"] or T.source_accepted(v.info.copy_source_valid, i)]
+                                   if not p.names(*gone) or T.source_accepted(v.info.copy_source_valid, i)]
         yield from self.core.save()
         return wire.ok()
 

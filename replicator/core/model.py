@@ -33,6 +33,10 @@ class PeerVolume:
     def label(self) -> str:
         return f"{self.node}:{self.volume}"
 
+    def names(self, node: str, volume: str = "") -> bool:
+        """Is this ``node`` (and ``volume``, if given: two sources may share a node)?"""
+        return self.node == node and (not volume or self.volume == volume)
+
     @classmethod
     def of(cls, d: Any) -> "PeerVolume":
         if isinstance(d, PeerVolume):

@@ -370,6 +370,8 @@ class NodeCore:
                          "consistent": info.consistent, "copy_epoch": info.copy_epoch, "writes": v.writes,
                          "bytes_written": v.bytes_written,
                          "copy_source_valid": info.copy_source_valid if info.role == "secondary" else None,
+                         "copy_sources": [p.label for p in info.copy_source_info] if info.role == "secondary"
+                         else None,
                          "migrated_fraction": v.migrated.fraction_set() if info.rw_mode != T.NORMAL else None,
                          "frozen": bool(src and src.stage != T.PREPARED),
                          "migrated_to": info.migration_dest_info.label if info.migration_dest_info else None,

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from .node import BootState, JournalState, NodeCore
     from .volume import Volume
 
-USER_SUSPEND = "suspended by user"
-
 
 class PrimarySide:
     """Pairs and host I/O of one node's primaries."""
@@ -90,7 +88,7 @@ class PrimarySide:
             for v in members:
                 v.maps["diff"].note(v.diff.set_all())
         for vname, offset, length in st.folded:
-            v = self.core.volumes.get(vname)
+            v = g.tracker(vname)
             if v is not None:
                 v.maps["diff"].note(v.diff.set_range(offset, length))
         if st.lost_entries or st.folded:
@@ -326,8 +324,8 @@ class PrimarySide:
         assert dest is not None
         timeout = self.core.cfg.copy_wait_s + self.core.cfg.sync_timeout_s if after_seq else self.core.cfg.sync_timeout_s
         yield from self.core.call(dest.node, dest.control, "pair.write", {
-            "volume": dest.volume, "offset": offset, "source": self.core.name, "zero": zero,
-            "after_seq": after_seq, "epoch": vol.info.copy_epoch}, [data] if data is not None else [],
+            "volume": dest.volume, "offset": offset, "source": self.core.name, "source_volume": vol.name,
+            "zero": zero, "after_seq": after_seq, "epoch": vol.info.copy_epoch}, [data] if data is not None else [],
             timeout_s=timeout)
 
     # ---------------------------------------------------------------- activity log
@@ -396,7 +394,10 @@ class PrimarySide:
             vol.locks.release(regions)
 
     def _members_of(self, vol: "Volume") -> list["Volume"]:
-        return self.core.members(vol.info.group) if vol.info.mode == "async" else [vol]
+        if vol.info.mode != "async":
+            return [vol]
+        g = self.groups.get(vol.info.group)
+        return g.members() if g is not None else self.core.members(vol.info.group)
 
     def resume(self, vol: "Volume") -> Generator[Any, Any, None]:
         """Differential resync (SPEC 4.10): copy only the regions marked in diff_bitmap. One at a
@@ -437,7 +438,8 @@ class PrimarySide:
             g.next_send = next_seq
         else:
             yield from self.core.call(dest.node, dest.control, "pair.resync_begin", {
-                "group": "", "volume": dest.volume, "next_seq": 0, "source": self.core.name, "epoch": epoch})
+                "group": "", "volume": dest.volume, "next_seq": 0, "source": self.core.name,
+                "source_volume": vol.name, "epoch": epoch})
         for m in members:
             m.info.copy_epoch = epoch
             T.go(T.PAIR_STATE, m.info, T.COPYING)
@@ -474,8 +476,8 @@ class PrimarySide:
         info = v.info
         members = self._members_of(v)
         return (info.remote_copy_flag == "source" and info.pair_state == T.SUSPENDED
-                and info.copy_dest_info is not None
-                and all(m.info.auto_resume and m.info.suspend_reason != USER_SUSPEND for m in members)
+                and info.copy_dest_info is not None and not self.core.mig.frozen(v)
+                and all(m.info.auto_resume and m.info.suspend_reason not in T.HELD_SUSPENSIONS for m in members)
                 and not any(self.core.mig.frozen(m) or m.info.rw_mode == T.PENDING for m in members))
 
     # ================================================================== initial copy / resync (Fig. 15)
@@ -581,7 +583,8 @@ class PrimarySide:
         try:
             yield from self.core.call(dest.node, dest.control, "pair.resync_done", {
                 "volume": dest.volume, "group": info.group if info.mode == "async" else "",
-                "consistent_at": consistent_at, "source": self.core.name, "epoch": info.copy_epoch})
+                "consistent_at": consistent_at, "source": self.core.name, "source_volume": vol.name,
+                "epoch": info.copy_epoch})
         except RcopyError as exc:
             if info.copy_epoch != epoch:
                 return False          # a newer resync started meanwhile: go on copying for it
@@ -688,8 +691,8 @@ class PrimarySide:
         dest = info.copy_dest_info
         if dest:
             try:
-                yield from core.call(dest.node, dest.control, "pair.leave", {"volume": dest.volume,
-                                                                            "source": core.name})
+                yield from core.call(dest.node, dest.control, "pair.leave", {
+                    "volume": dest.volume, "source": core.name, "source_volume": vol.name})
             except NodeUnreachable as exc:
                 if not msg.get("force"):
                     raise NodeUnreachable(f"{exc}; the secondary keeps its pair (use --force to delete anyway)")
@@ -712,7 +715,7 @@ class PrimarySide:
 
     def _h_pair_suspend(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         vol = self._source_volume(msg)
-        yield from self.suspend(vol, USER_SUSPEND)
+        yield from self.suspend(vol, T.USER_SUSPEND)
         return wire.ok(state=vol.info.pair_state)
 
     def _h_pair_resume(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:

@@ -162,11 +162,12 @@ def pair_command(d: Directory, command: str, primary: str, **fields: Any) -> Pro
 def migrate(d: Directory, source: str, target: str, group: str | None = None, dual_write: bool = False,
             volume_map: dict[str, str] | None = None, force: bool = False, rate_limit_bytes_s: int = 0,
             start: bool = True, is_empty: Callable[[str], Proc] | None = None) -> Proc:
-    """S501-S502 up to S705: check, register the paths, switch the host paths, start program 203."""
+    """S501-S502 up to S705: check, register the paths, switch the host paths, start program 203.
+    Source and target may be volumes of one node (SPEC 1.7, a move to another pool of it)."""
     snode, _ = parse_volume(source)
     tnode, _ = parse_volume(target)
-    if snode == tnode:
-        raise UsageError("source and target must be on different nodes")
+    if source == target:
+        raise UsageError(f"{source} cannot be migrated onto itself")
     d.node(snode), d.node(tnode)
     st = yield from status(d)
     down = [n["name"] for n in st["nodes"] if n["name"] in (snode, tnode) and not n["up"]]
@@ -198,6 +199,8 @@ def migrate(d: Directory, source: str, target: str, group: str | None = None, du
     for m in members[1:]:
         mvol = parse_volume(m)[1]
         mapping[m] = f"{tnode}:{(volume_map or {}).get(mvol, mvol)}"
+        if mapping[m] == m:
+            raise UsageError(f"{m} would migrate onto itself: name its target with --map {mvol}=NEW")
     secondary_node = parse_volume(pair["secondary"])[0]
     if not next((n["up"] for n in st["nodes"] if n["name"] == secondary_node), False):
         raise NodeUnreachable(f"secondary node {secondary_node} is down; remote copy must be running")
@@ -271,7 +274,9 @@ def undo_prepare(d: Directory, tnode: str, targets: list[str], mapping: dict[str
     for ask in ([Ask(tnode, "mig.abort_target", {"volumes": targets})] +
                 [Ask(snode, "mig.abort_source", {"volume": parse_volume(s)[1]}) for s in mapping] +
                 [Ask(secondary_node, "mig.drop_source", {"volume": parse_volume(pairs[s]["secondary"])[1],
-                                                         "source_node": tnode}) for s in mapping]):
+                                                         "source_node": tnode,
+                                                         "source_volume": parse_volume(mapping[s])[1]})
+                 for s in mapping]):
         try:
             yield ask
         except RcopyError:
@@ -351,34 +356,45 @@ def abort_migration(d: Directory, source: str, target: str) -> Proc:
 
 
 def remove(d: Directory, node: str) -> Proc:
-    """S1601-S1604: unregister an old node whose primaries were all migrated away."""
+    """S1601-S1604: unregister an old node whose primaries were all migrated away, or, given as
+    NODE:VOL, one old volume migrated away from it (a migration inside one node)."""
+    node, only = (node.split(":", 1) + [""])[:2]
     d.node(node)
+
+    def label_of(name: str) -> str:
+        return f"{node}:{name}"
+
+    def mine(label: str) -> bool:
+        return label == label_of(only) if only else label.startswith(node + ":")
     st = yield from status(d)
     if not next(n["up"] for n in st["nodes"] if n["name"] == node):
         raise NodeUnreachable(f"{node} is down; start it so its paths can be unregistered")
+    vols = [v for v in st["volumes"] if v["node"] == node and (not only or v["name"] == only)]
+    if only and not vols:
+        raise NotFound(f"no volume {node}:{only}")
+    if only and not vols[0].get("migrated_to"):
+        raise StateError(f"{node}:{only} was not migrated away; nothing to remove")
     for vv in st["vvols"]:
-        if vv["target"].startswith(node + ":"):
+        if mine(vv["target"]):
             raise StateError(f"virtual volume {vv['name']} still maps to {vv['target']}")
-    for v in st["volumes"]:
-        if v["node"] != node:
-            continue
-        label = f"{node}:{v['name']}"
+    for v in vols:
+        label = label_of(v["name"])
         if v["role"] == "primary" and not v.get("migrated_to"):
             raise StateError(f"{label} is still a primary; migrate it first (rcopy migrate {label} --to ...)")
         if v.get("migrated_to") and not (v.get("drained") and v.get("complete")):
             raise StateError(f"{label} still has undrained or unmigrated data; wait for the migration")
     for m in st["migrations"]:
-        if any(s.startswith(node + ":") for s in m.get("members", {m["source"]: m["target"]})) \
-                and m["state"] != T.DONE:
+        if any(mine(s) for s in m.get("members", {m["source"]: m["target"]})) and m["state"] != T.DONE:
             raise StateError(f"migration {m['source']} -> {m['target']} is {m['state']}")
     removed = []
-    for v in st["volumes"]:
-        if v["node"] != node or not v.get("migrated_to"):
+    for v in vols:
+        if not v.get("migrated_to"):
             continue
-        label = f"{node}:{v['name']}"
+        label = label_of(v["name"])
         pair = find_pair(label, st)
         snode, svol = parse_volume(pair["secondary"])
-        yield Ask(snode, "mig.remove_source", {"volume": svol, "source_node": node})        # S1601
+        yield Ask(snode, "mig.remove_source", {"volume": svol, "source_node": node,          # S1601
+                                               "source_volume": v["name"]})
         tnode, tvol = parse_volume(v["migrated_to"])
         yield Ask(tnode, "mig.clear_target", {"volume": tvol})                             # S1602 (1)
         yield Ask(node, "mig.unregister_source", {"volume": v["name"]})                    # S1602 (2),(3)
@@ -425,8 +441,7 @@ def online_verify(d: Directory, a: str, b: str, clock: Callable[[], float], repa
     if out["different"]:
         chunk = out["chunk_bytes"]
         reply = yield Ask(pnode, "verify.mark", {
-            "volume": pvol, "ranges": [[o, min(chunk, size - o)] for o in out["different"]],
-            "reason": f"verify found {len(out['different'])} out-of-sync chunk(s); resume resyncs them"})
+            "volume": pvol, "ranges": [[o, min(chunk, size - o)] for o in out["different"]]})
         out["marked_bytes"] = reply["dirty_bytes"]
         out["state"] = reply["state"]
         if repair:

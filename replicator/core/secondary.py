@@ -173,15 +173,20 @@ class SecondarySide:
                     return v, i
         raise NotFound(f"{self.core.name} holds no secondary of {source_node}:{source_volume}")
 
-    def accept_source(self, vol: "Volume", source_node: str) -> int:
-        """SPEC 4.7 [INFERRED]: accept only from a source copy_source_valid allows."""
-        for i, src in enumerate(vol.info.copy_source_info, start=1):
-            if src.node == source_node:
-                if not T.source_accepted(vol.info.copy_source_valid, i):
-                    raise StateError(f"{self.core.name}:{vol.name} does not accept data from "
-                                     f"{source_node} (copy_source_valid={vol.info.copy_source_valid})")
+    def accept_source(self, vol: "Volume", source_node: str, source_volume: str = "") -> int:
+        """SPEC 4.7 [INFERRED]: accept only from a source copy_source_valid allows. Both sources
+        may be on one node (a migration inside it): then ``source_volume`` tells them apart;
+        without it, any accepted source of that node will do."""
+        known = [(i, src) for i, src in enumerate(vol.info.copy_source_info, start=1)
+                 if src.names(source_node, source_volume)]
+        if not known:
+            label = f"{source_node}:{source_volume}" if source_volume else source_node
+            raise StateError(f"{label} is not a copy source of {self.core.name}:{vol.name}")
+        for i, _ in known:
+            if T.source_accepted(vol.info.copy_source_valid, i):
                 return i
-        raise StateError(f"{source_node} is not a copy source of {self.core.name}:{vol.name}")
+        raise StateError(f"{self.core.name}:{vol.name} does not accept data from "
+                         f"{known[0][1].label} (copy_source_valid={vol.info.copy_source_valid})")
 
     def _h_journal_push(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """Receive journal entries (Fig. 25); the apply loop applies what is contiguous."""
@@ -203,7 +208,7 @@ class SecondarySide:
                 if length != len(data):
                     raise ProtocolError(f"journal entry {seq}: length {length} but {len(data)} bytes")
                 vol, index = self.dest_volume_for(source, vname)
-                self.accept_source(vol, source)
+                self.accept_source(vol, source, vname)
                 n0 = dg.info.handover_seq
                 if vol.info.copy_source_valid == T.TRANSITIONAL and n0:
                     if (index == 1 and seq >= n0) or (index == 2 and seq < n0):
@@ -222,9 +227,11 @@ class SecondarySide:
             if not vols or vols[0].info.transfer != "pull":
                 yield Sleep(cfg.heartbeat_s)
                 continue
-            got = 0
+            got, nodes = 0, set()
             for index, src in enumerate(list(vols[0].info.copy_source_info), start=1):
-                if T.source_accepted(vols[0].info.copy_source_valid, index):
+                # both sources on one node (a migration inside it) share one journal: read it once
+                if T.source_accepted(vols[0].info.copy_source_valid, index) and src.node not in nodes:
+                    nodes.add(src.node)
                     got += yield from self._pull_once(dg, src, index)
             if not got:
                 yield Wait(("applied", dg.name), timeout_s=cfg.pull_idle_s)
@@ -261,7 +268,7 @@ class SecondarySide:
         if vol.info.remote_copy_flag != "dest":
             raise StateError(f"{core.name}:{vol.name} is not a remote-copy secondary")
         source = str(msg["source"])
-        self.accept_source(vol, source)
+        self.accept_source(vol, source, str(msg.get("source_volume", "")))
         offset, zero = int(msg["offset"]), int(msg.get("zero", 0))
         if not zero and not msg.payloads:
             raise ProtocolError("pair.write without data")
@@ -357,7 +364,8 @@ class SecondarySide:
         info = vol.info
         if info.remote_copy_flag != "dest":
             return wire.ok()
-        info.copy_source_info = [p for p in info.copy_source_info if p.node != msg["source"]]
+        info.copy_source_info = [p for p in info.copy_source_info
+                                 if not p.names(str(msg["source"]), str(msg.get("source_volume", "")))]
         if not info.copy_source_info:
             group = info.group
             info.remote_copy_flag, info.mode, info.group = "off", "", ""
@@ -383,7 +391,8 @@ class SecondarySide:
         for v in vols:
             if v.info.remote_copy_flag != "dest":
                 raise StateError(f"{core.name}:{v.name} is not a remote-copy secondary")
-            self.accept_source(v, source)      # only the valid source may restart the copy
+            self.accept_source(v, source, "" if group else str(msg.get("source_volume", "")))   # only the
+            # valid source may restart the copy
             self._check_epoch(v, epoch, source)  # a late copy of an earlier resync must not reset this one
         if dg is not None:
             yield from self._check_forward(dg, int(msg["next_seq"]), source)
@@ -422,7 +431,7 @@ class SecondarySide:
         core = self.core
         vol = core.volume(msg["volume"])
         source = str(msg.get("source", "?"))
-        self.accept_source(vol, source)
+        self.accept_source(vol, source, str(msg.get("source_volume", "")))
         self._check_epoch(vol, int(msg.get("epoch", vol.info.copy_epoch)), source)
         group = msg.get("group")
         if group and group in self.groups:

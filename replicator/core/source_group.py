@@ -92,7 +92,18 @@ class SourceGroup:
         return ("group", self.name)
 
     def members(self) -> list["Volume"]:
+        """The group's pairs: its primaries here, without a V1 whose V2 on this node took its place."""
+        return [v for v in self.core.members(self.name) if not self.core.mig.superseded(v)]
+
+    def volumes(self) -> list["Volume"]:
+        """Every volume whose writes the journal may hold (a superseded V1's too)."""
         return self.core.members(self.name)
+
+    def tracker(self, vname: str) -> "Volume | None":
+        """The volume whose diff bitmap takes an entry of ``vname`` that leaves the journal unsent:
+        the volume itself, or the V2 that took a superseded V1's place."""
+        v = self.core.volumes.get(vname)
+        return (self.core.mig.successor(v) or v) if v is not None else None
 
     # ================================================================== appending (S2401-S2404)
     def enqueue(self, vol: "Volume", offset: int, data: bytes | memoryview) -> Pending:
@@ -227,9 +238,9 @@ class SourceGroup:
                 covered.update(id(p) for p in fresh)
                 touched = set()
                 for vname, offset, length in extents:
-                    v = vols.get(vname)
-                    if v is not None and v.maps["diff"].note(v.diff.set_range(offset, length)):
-                        touched.add(vname)
+                    v = self.tracker(vname)
+                    if v is not None and v.name in vols and v.maps["diff"].note(v.diff.set_range(offset, length)):
+                        touched.add(v.name)
                 extents = []
                 for vname in sorted(touched):
                     yield from vols[vname].maps["diff"].persist(sync=True)  # bits first, durably
@@ -243,7 +254,7 @@ class SourceGroup:
             if self.stored > self.discarded:
                 # The resync copies the volumes' images: what the entries wrote there (also by a
                 # roll-forward at start) must be durable before the journal forgets it (seed 109020)
-                for v in vols.values():
+                for v in self.volumes():
                     yield from v.syncer.sync()
                 yield JournalDiscard(self.name, through=self.stored)        # then drop the entries
                 self._freed(self.stored)
@@ -279,7 +290,7 @@ class SourceGroup:
         try:
             # After a power loss the journal rolls its live entries forward into the volumes;
             # an entry may leave the journal only once its volume write is durable too.
-            for v in self.members():
+            for v in self.volumes():
                 yield from v.syncer.sync()
             yield JournalDiscard(self.name, through=target)
             self._freed(target)

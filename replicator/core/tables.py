@@ -51,6 +51,10 @@ PAIR_STATE = Table("pair_state", "pair_state", {
     DUPLEX: (SUSPENDED, COPYING, OFF),
     SUSPENDED: (COPYING, OFF),              # resume = differential resync
 })
+# Suspensions only an operator's resume ends (the automatic resumer leaves them alone).
+USER_SUSPEND = "suspended by user"
+VERIFY_SUSPEND = "verify found out-of-sync data; rcopy pair resume resyncs it"
+HELD_SUSPENSIONS = (USER_SUSPEND, VERIFY_SUSPEND)
 
 # ---------------------------------------------------------------------- rw_mode (a destination primary V2)
 NORMAL, THROUGH, PENDING, MIGRATING = "normal", "through", "pending", "migrating"

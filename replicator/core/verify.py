@@ -206,8 +206,8 @@ class OnlineVerify:
         dest = vol.info.copy_dest_info
         assert dest is not None
         reply = yield from self.core.call(dest.node, dest.control, "verify.compare", {
-            "volume": dest.volume, "source": self.core.name, "epoch": vol.info.copy_epoch,
-            "items": items}, timeout_s=self.core.cfg.copy_wait_s + self.core.cfg.control_timeout_s)
+            "volume": dest.volume, "source": self.core.name, "source_volume": vol.name,
+            "epoch": vol.info.copy_epoch, "items": items}, timeout_s=self.core.cfg.copy_wait_s + self.core.cfg.control_timeout_s)
         codes = [str(c) for c in reply["codes"]]
         chunk = self.chunk_bytes()
         if [len(c) for c in codes] != [-(-int(it[1]) // chunk) for it in items]:
@@ -223,7 +223,7 @@ class OnlineVerify:
         if vol.info.remote_copy_flag != "dest":
             raise StateError(f"{core.name}:{vol.name} is not a remote-copy secondary")
         source = str(msg["source"])
-        core.secondary.accept_source(vol, source)
+        core.secondary.accept_source(vol, source, str(msg.get("source_volume", "")))
         core.secondary._check_epoch(vol, int(msg["epoch"]), source)
         chunk = self.chunk_bytes()
         items = [(int(o), int(n), int(s), d) for o, n, s, d in msg["items"]]
@@ -272,7 +272,7 @@ class OnlineVerify:
         for off, n in spans:
             vol.check(off, n)
         if vol.info.pair_state != T.SUSPENDED:
-            yield from primary.suspend(vol, str(msg.get("reason") or "verify found out-of-sync data"))
+            yield from primary.suspend(vol, T.VERIFY_SUSPEND)
         if vol.info.pair_state != T.SUSPENDED:
             raise StateError(f"pair {self.core.name}:{vol.name} could not be suspended to mark it")
         for off, n in spans:

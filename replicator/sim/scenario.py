@@ -33,7 +33,9 @@ REGION_BYTES = 4096
 PROCEDURES = ("steady", "initial-copy", "suspend-resume", "journal-full", "migrate", "migrate-abort",
               "migrate-remove", "migrate-resume")
 FAULTS = ("none", "kill", "power", "pause", "cut", "slow")
-EXTRA_PROCEDURES = ("verify",)   # only with --procedures (the default run's seeds stay as they were)
+# only with --procedures (the default run's seeds stay as they were); migrate-local: V2 is a volume
+# of V1's node (SPEC 1.7), then the old volume is removed
+EXTRA_PROCEDURES = ("verify", "migrate-local")
 
 SIM_CONFIG = Config(region_bytes=REGION_BYTES, sync_timeout_s=0.4, copy_wait_s=1.0, peer_timeout_s=1.5,
                     control_timeout_s=1.0, heartbeat_s=0.1, link_retry_s=0.02, pull_idle_s=0.05,
@@ -119,6 +121,7 @@ class Run:
         self.pairs = [("v1", "v2", "v3", "app")] + ([("w1", "w2", "w3", "app2")] if p.volumes > 1 else [])
         self.hosts: list[Host] = []
         self.primary_node = "site-a1"
+        self.tnode = "site-a1" if p.procedure == "migrate-local" else "site-a2"   # V2's node
         self.migration_started = False
         self.migrated = False
         self.removed = False
@@ -180,7 +183,7 @@ class Run:
         p = self.p
         for v1, v2, v3, _ in self.pairs:
             yield P.Ask("site-a1", "volume.create", {"name": v1, "size": VOLUME_BYTES})
-            yield P.Ask("site-a2", "volume.create", {"name": v2, "size": VOLUME_BYTES})
+            yield P.Ask(self.tnode, "volume.create", {"name": v2, "size": VOLUME_BYTES})
             yield P.Ask("site-b", "volume.create", {"name": v3, "size": VOLUME_BYTES})
         if p.procedure != "initial-copy":
             yield from self._create_pairs()
@@ -190,7 +193,8 @@ class Run:
 
     def _create_pairs(self) -> Generator[Any, Any, None]:
         p = self.p
-        jbytes = 6 * 1024 if p.procedure == "journal-full" else None
+        # small journals fill: a fold then meets the backlog of V1 in a migration inside one node
+        jbytes = {"journal-full": 6 * 1024, "migrate-local": 10 * 1024}.get(p.procedure)
         st = yield from P.status(self.d, only=["site-a1"])
         existing = {x["primary"] for x in st["pairs"]}
         for v1, _, v3, _ in self.pairs:
@@ -242,6 +246,8 @@ class Run:
                 self.w.violation(f"terminal verify raised {type(e).__name__}: {e}")
             elif e is not None:
                 self.failures.append(f"verify: {e}")
+            elif r is None:                 # the run ended before the verify did
+                return
             elif r["different"] or r["flapped"]:
                 self.w.violation(f"online verify found a difference on a healthy pair: chunks {r['different'][:5]}, "
                                  f"{r['flapped']} differed once")
@@ -271,13 +277,13 @@ class Run:
                 self.migration_started = True
                 if proc == "migrate-abort":
                     self.w.after(self.rnd.uniform(0.0, 0.2), self._start,
-                                 P.abort_migration(self.d, "site-a1:v1", "site-a2:v2"), "abort")
+                                 P.abort_migration(self.d, "site-a1:v1", f"{self.tnode}:v2"), "abort")
             elif not isinstance(e, RcopyError):
                 self.w.violation(f"terminal migrate raised {type(e).__name__}: {e}")
             else:
                 self.failures.append(f"migrate: {e}")
         self.w.log("terminal: migrate" + (" --dual-write" if dual else ""))
-        self.proc(P.migrate(self.d, "site-a1:v1", "site-a2:v2", group=self.group if self.p.volumes > 1 else None,
+        self.proc(P.migrate(self.d, "site-a1:v1", f"{self.tnode}:v2", group=self.group if self.p.volumes > 1 else None,
                             volume_map={"w1": "w2"}, dual_write=dual, start=proc != "migrate-abort"), done)
 
     # ------------------------------------------------------------------ faults
@@ -343,7 +349,7 @@ class Run:
         self._final_read()
 
     def _migration(self) -> dict[str, Any] | None:
-        a2 = self.core("site-a2")
+        a2 = self.core(self.tnode)
         if a2 is None:
             return None
         migs = a2.mig.status()
@@ -367,25 +373,25 @@ class Run:
         if m is not None and m["state"] == T.FAILED:
             if act and not self.resumed_migration:
                 self.resumed_migration = True
-                self._start(P.continue_migration(self.d, "site-a2:v2"), "migrate --resume")
+                self._start(P.continue_migration(self.d, f"{self.tnode}:v2"), "migrate --resume")
             return f"migration failed: {m['error']}"
         if m is not None and m["state"] == T.RUNNING:
             if act and m["phase"] == T.THROUGH and self.w.now >= self.retry_create_at:
                 self.retry_create_at = self.w.now + 2.0     # the abort or the start did not get through
                 if self.p.procedure == "migrate-abort":
-                    self._start(P.abort_migration(self.d, "site-a1:v1", "site-a2:v2"), "abort (again)")
+                    self._start(P.abort_migration(self.d, "site-a1:v1", f"{self.tnode}:v2"), "abort (again)")
                 else:
-                    self._start(P.continue_migration(self.d, "site-a2:v2"), "migrate --resume")
+                    self._start(P.continue_migration(self.d, f"{self.tnode}:v2"), "migrate --resume")
             return f"migration running ({m['phase']}, waiting for {m['waiting_for']})"
-        if self.p.procedure == "migrate-remove" and m is not None and m["state"] == T.DONE and not self.removed:
+        if self.p.procedure in ("migrate-remove", "migrate-local") and m is not None and m["state"] == T.DONE and not self.removed:
             if act and not self.removing:
                 self.removing = True
                 self._start(self._remove(), "remove site-a1")
             return "removal pending"
-        primary = "site-a2" if self.migrated else "site-a1"
+        primary = self.tnode if self.migrated else "site-a1"
         self.primary_node = primary
         pc = cores[primary]
-        pvs = [pc.volumes[v2 if primary == "site-a2" else v1] for v1, v2, _, _ in self.pairs]
+        pvs = [pc.volumes[v2 if self.migrated else v1] for v1, v2, _, _ in self.pairs]
         for pv, (v1, v2, v3, _) in sorted(zip(pvs, self.pairs), key=lambda x: x[0].info.remote_copy_flag == "source"):
             if pv.info.remote_copy_flag != "source":
                 if act and not self.migrated and self.w.now >= self.retry_create_at:
@@ -393,7 +399,7 @@ class Run:
                     self._start(self._create_pairs(), "pair create (again)")
                 return f"{primary}:{pv.name} is not a primary ({pv.info.remote_copy_flag})"
             if pv.info.pair_state != T.DUPLEX:
-                if act and pv.info.pair_state == T.SUSPENDED and pv.info.suspend_reason == "suspended by user":
+                if act and pv.info.pair_state == T.SUSPENDED and pv.info.suspend_reason in T.HELD_SUSPENSIONS:
                     self._start(P.pair_command(self.d, "resume", f"{primary}:{pv.name}"), "resume")
                 return f"{pv.name} is {pv.info.pair_state} ({pv.info.suspend_reason})"
             sv = cores["site-b"].volumes[v3]
@@ -409,7 +415,12 @@ class Run:
         return ""
 
     def _remove(self) -> Generator[Any, Any, Any]:
-        r = yield from P.remove(self.d, "site-a1")
+        if self.tnode == "site-a1":                 # one node: remove the old volumes, one by one
+            r = []
+            for v1, *_ in self.pairs:
+                r.append((yield from P.remove(self.d, f"site-a1:{v1}")))
+        else:
+            r = yield from P.remove(self.d, "site-a1")
         self.removed = True
         return r
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -47,7 +48,7 @@ def plant(t: Terminal, offset: int) -> None:
 def test_online_verify_under_fio(lab):
     up, t = lab
     cluster = up["cluster"]
-    load = fio(up["device"], 120)
+    load = fio(up["device"], 180)
     try:
         code, r = verify(cluster)                       # a healthy pair under load
         assert code == 0 and r["identical"], r
@@ -60,6 +61,9 @@ def test_online_verify_under_fio(lab):
         assert code == 1 and r["different"] == [PLANT_AT[0] - PLANT_AT[0] % chunk], r
         assert r["state"] == "suspended" and r["marked_bytes"] >= chunk
         print(f"planted: found in {r['seconds']} s: {r['different']}")
+        time.sleep(3)                                   # the automatic resumer leaves it to the operator
+        pair = next(p for p in t.status()["pairs"] if p["primary"] == "site-a1:v1")
+        assert pair["state"] == "suspended" and pair["dirty_bytes"] >= chunk, pair
         t.pair_command("resume", "site-a1:v1")
         t.wait_duplex("site-a1:v1", timeout_s=120)
         code, r = verify(cluster)
@@ -72,7 +76,7 @@ def test_online_verify_under_fio(lab):
         assert code == 0 and r["identical"], r
         assert load.poll() is None, "fio stopped before the last verify"
     finally:
-        load.wait(120)
+        load.wait(240)
     assert load.returncode == 0, load.stderr
     offline = t.verify("site-a1:v1", "site-b:v3")      # drained and quiet: the classic compare agrees
     assert offline["identical"], offline

@@ -29,6 +29,7 @@ SIZE = 16 * MiB
 BLOCKS = SIZE // BLOCK
 
 PHASES = ["steady", "initial-copy", "resync", "through", "migrating", "transitional"]
+LOCAL_PHASES = ["local-through", "local-migrating", "local-transitional"]   # V2 on V1's node (SPEC 1.7)
 FAULTS = ["kill:site-a1", "kill:site-a2", "kill:site-b", "pause:site-a1", "pause:site-b", "cut:wan"]
 CI_CASES = [("async", "steady", "kill:site-a1"), ("sync", "steady", "kill:site-a1"),
             ("async", "steady", "kill:site-b"), ("sync", "steady", "pause:site-b"),
@@ -38,13 +39,15 @@ CI_CASES = [("async", "steady", "kill:site-a1"), ("sync", "steady", "kill:site-a
             ("async", "transitional", "kill:site-a2"), ("async", "steady", "cut:wan"),
             ("sync", "steady", "cut:wan"), ("async", "migrating", "cut:wan"),
             # a copy interrupted with journal entries still unapplied (once lost them at the secondary)
-            ("async", "resync", "kill:site-b"), ("async", "initial-copy", "cut:wan")]
+            ("async", "resync", "kill:site-b"), ("async", "initial-copy", "cut:wan"),
+            ("async", "local-transitional", "kill:site-a1"), ("sync", "local-migrating", "kill:site-a1")]
 
 
 def cases() -> list[tuple[str, str, str]]:
     if os.environ.get("RCOPY_FAULTS") == "full":
-        return [(m, p, f) for m in ("async", "sync") for p in PHASES for f in FAULTS
-                if not (m == "sync" and p == "transitional")]
+        return [(m, p, f) for m in ("async", "sync") for p in PHASES + LOCAL_PHASES for f in FAULTS
+                if not (m == "sync" and p.endswith("transitional"))
+                and not (p.startswith("local-") and f.endswith("site-a2"))]
     return CI_CASES
 
 
@@ -124,7 +127,7 @@ def settle_secondary(t: Terminal, timeout_s: float = 30.0) -> None:
 def wait_phase(t: Terminal, target: str, phases: tuple[str, ...], timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        migs = [m for m in t.status(only=["site-a2"])["migrations"] if m["target"] == target]
+        migs = [m for m in t.status(only=[target.split(":")[0]])["migrations"] if m["target"] == target]
         if migs and migs[0]["phase"] in phases:
             return
         time.sleep(0.02)
@@ -172,7 +175,9 @@ def test_fault(matrix_cluster, mode, phase, fault):
     t = matrix_cluster
     lab_dir = t.cluster.dir
     t0 = time.monotonic()
-    for spec in ("site-a1:v1", "site-a2:v2", "site-b:v3"):
+    target = "site-a1:v9" if phase.startswith("local-") else "site-a2:v2"
+    phase = phase.removeprefix("local-")
+    for spec in ("site-a1:v1", target, "site-b:v3"):
         t.volume_create(spec, SIZE)
     if phase == "initial-copy":  # a primary with data everywhere, so the copy has work
         h = nbd.NBD()
@@ -197,15 +202,15 @@ def test_fault(matrix_cluster, mode, phase, fault):
         time.sleep(0.5)
         t.pair_command("resume", "site-a1:v1")
     elif phase == "through":
-        t.migrate("site-a1:v1", "site-a2:v2", start=False)
+        t.migrate("site-a1:v1", target, start=False)
     elif phase == "migrating":
-        t.migrate("site-a1:v1", "site-a2:v2", wait=False, rate_limit_bytes_s=2 * MiB)
-        wait_phase(t, "site-a2:v2", ("migrating", "transitional"))
+        t.migrate("site-a1:v1", target, wait=False, rate_limit_bytes_s=2 * MiB)
+        wait_phase(t, target, ("migrating", "transitional"))
     elif phase == "transitional":
-        t.migrate("site-a1:v1", "site-a2:v2", wait=False, rate_limit_bytes_s=2 * MiB)
+        t.migrate("site-a1:v1", target, wait=False, rate_limit_bytes_s=2 * MiB)
         os.kill(pid_of(t, "site-b"), signal.SIGSTOP)   # V1's backlog cannot drain now
         paused.append(pid_of(t, "site-b"))
-        wait_phase(t, "site-a2:v2", ("transitional",))
+        wait_phase(t, target, ("transitional",))
 
     # ---- the fault
     action, node = fault.split(":")
@@ -243,10 +248,10 @@ def test_fault(matrix_cluster, mode, phase, fault):
     primary = "site-a1:v1"
     if migrating:
         if phase == "through":
-            t.continue_migration("site-a2:v2", timeout_s=180)
+            t.continue_migration(target, timeout_s=180)
         else:
-            t.wait_migration("site-a2:v2", 180)
-        primary = "site-a2:v2"
+            t.wait_migration(target, 180)
+        primary = target
     pair = t.find_pair(primary)
     if pair["state"] == "suspended":
         t.pair_command("resume", primary)
@@ -257,7 +262,7 @@ def test_fault(matrix_cluster, mode, phase, fault):
     assert final.consistent and final.complete, final.problems
     r = t.verify(primary, "site-b:v3", timeout_s=120)
     assert r["identical"], r
-    ROWS.append(f"| {mode} | {phase} | {fault} | {w.acked} | 0 | {prefix_ok} | yes | "
+    ROWS.append(f"| {mode} | {'local ' if target.startswith('site-a1') else ''}{phase} | {fault} | {w.acked} | 0 | {prefix_ok} | yes | "
                 f"{time.monotonic() - t0:.0f} |")
 
 

@@ -14,6 +14,7 @@ from replicator import wire
 from replicator.core import effects as E
 from replicator.core import tables as T
 from replicator.core.journal_space import RECORD_HEADER_BYTES
+from replicator.core.migration import source_key
 from replicator.errors import IntegrityError, NodeUnreachable, StateError
 
 from .core_harness import Harness
@@ -396,10 +397,28 @@ def test_v1_reports_drained_only_once_that_is_durable() -> None:
     restarted in handed_over and waited for ever for an applied report from V3."""
     h = source_ready("async")
     h.ok("mig.handover", volumes=["v1"], target="site-a2", id="m", attempt="x/1")
-    sm = h.core.migrations["m"]
+    sm = h.core.migrations[source_key("m")]
     T.go(T.SOURCE_STAGE, sm, T.HANDED_OVER)
     T.go(T.SOURCE_STAGE, sm, T.DRAINED)                            # in memory, not saved yet
     st = h.ok("mig.source_status", volumes=["v1"])["volumes"][0]
     assert st["stage"] == T.DRAINED and not st["drained"]
     h.core.mig.saved_stage["m"] = T.DRAINED                        # what source_procedure sets after save()
     assert h.ok("mig.source_status", volumes=["v1"])["volumes"][0]["drained"]
+
+
+def test_a_pair_verify_marked_stays_suspended_until_the_operator_resumes_it() -> None:
+    """Online verify suspends the pair to mark what differs; the automatic resumer must leave
+    that to `rcopy pair resume` (or --repair), as the CLI says."""
+    h = primary("async")
+    h.ok("verify.mark", volume="v1", ranges=[[4096, 512]])
+    v1 = h.core.volumes["v1"]
+    assert v1.info.pair_state == T.SUSPENDED and v1.info.suspend_reason == T.VERIFY_SUSPEND
+    assert v1.diff.dirty_bytes() > 0
+    for _ in range(10):                               # V3 answers every ping: reachable
+        for c in list(h.calls):
+            h.answer(c, wire.ok(applied=0, incarnation="b#1"))
+        h.advance(1.0)
+    assert v1.info.pair_state == T.SUSPENDED
+    assert not any(isinstance(e, E.Call) and e.msg.kind == "pair.resync_begin" for e in h.trace)
+    h.request("pair.resume", volume="v1")
+    assert h.pending("pair.resync_begin")

@@ -134,3 +134,11 @@ def test_the_simulator_finds_an_online_verify_that_ignores_the_stream_order(monk
         return (yield from original(self, msg))
     monkeypatch.setattr(verify.OnlineVerify, "_h_compare", compare_now)
     assert _first_failing_seed(range(0, 300), procedures=("verify",)) is not None
+
+
+def test_the_simulator_finds_a_fold_that_leaves_v1s_backlog_in_v1s_bitmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A migration inside one node: V1's unsent entries folded into V1's bitmap (which nobody
+    resynchronises any more) instead of V2's."""
+    from replicator.core import source_group
+    monkeypatch.setattr(source_group.SourceGroup, "tracker", lambda self, vname: self.core.volumes.get(vname))
+    assert _first_failing_seed(range(0, 1000), procedures=("migrate-local",)) is not None

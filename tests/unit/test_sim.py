@@ -136,3 +136,18 @@ def test_online_verify_under_load_finds_no_false_difference() -> None:
         bad += [(seed, v) for v in run.w.violations]
     assert not bad, bad[:3]
     assert verified > 200          # most verifies meet a duplex pair and finish
+
+
+def test_a_migration_inside_one_node_keeps_v3_a_prefix() -> None:
+    """`--procedures migrate-local`: V2 is a volume of V1's node (SPEC 1.7): one journal and one
+    sequence for both, V3 accepts V1's entries below N0 and V2's from it, with faults; then the
+    old volume is removed."""
+    from replicator.sim.scenario import Run, plan
+    bad, moved = [], 0
+    for seed in range(300):
+        run = Run(plan(seed, None, ("migrate-local",)))
+        run.run()
+        moved += run.migrated and run.removed
+        bad += [(seed, v) for v in run.w.violations]
+    assert not bad, bad[:3]
+    assert moved > 200             # most seeds migrate and remove the old volume
