@@ -10,13 +10,20 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from replicator.errors import IntegrityError
+
+if TYPE_CHECKING:
+    from replicator.core.effects import Zeros
 
 MAGIC = b"RCJE"
 VERSION = 1
 ENTRY = 1
 WRAP = 2
+ZERO = 3                       # a TRIM / WRITE_ZEROES: its data is the zeroed length (u64), no payload
+_ZERO_DATA = struct.Struct("<Q")
+ZERO_DATA_BYTES = _ZERO_DATA.size
 _HEADER = struct.Struct("<4sBBHIQIQII")  # magic version type flags epoch seq volume offset length crc
 HEADER_SIZE = _HEADER.size  # 40
 _CRC_AT = HEADER_SIZE - 4   # the crc covers the header bytes before it, then the data
@@ -39,7 +46,7 @@ class Entry:
     seq: int
     volume: str
     offset: int
-    data: bytes
+    data: bytes | Zeros       # Zeros for a ZERO record (a TRIM or WRITE_ZEROES)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ def encode_header(seq: int, volume_id: int, offset: int, data: bytes | memoryvie
     _check_range("offset", offset, 0, U64_MAX)
     _check_range("length", len(data), 0, MAX_DATA_BYTES)
     _check_range("epoch", epoch, 0, U32_MAX)
-    if type not in (ENTRY, WRAP):
+    if type not in (ENTRY, WRAP, ZERO):
         raise ValueError(f"unknown journal record type {type}")
     head = _HEADER.pack(MAGIC, VERSION, type, 0, epoch, seq, volume_id, offset, len(data), 0)[:_CRC_AT]
     crc = zlib.crc32(data, zlib.crc32(head))
@@ -83,6 +90,19 @@ def encode_header(seq: int, volume_id: int, offset: int, data: bytes | memoryvie
 def encode(seq: int, volume_id: int, offset: int, data: bytes, *, epoch: int = 0) -> bytes:
     """A whole ENTRY record: header then data."""
     return encode_header(seq, volume_id, offset, data, epoch=epoch) + bytes(data)
+
+
+def zero_data(length: int) -> bytes:
+    """The data of a ZERO record: the length of the range that reads as zeros."""
+    _check_range("zeroed length", length, 1, U64_MAX)
+    return _ZERO_DATA.pack(length)
+
+
+def zeroed_length(data: bytes | memoryview) -> int:
+    """The range length a ZERO record's data names."""
+    if len(data) != ZERO_DATA_BYTES:
+        raise CorruptEntry(f"journal zero record with {len(data)} data bytes")
+    return int(_ZERO_DATA.unpack(data)[0])
 
 
 def encode_wrap(seq: int, *, epoch: int = 0) -> bytes:
@@ -99,12 +119,14 @@ def decode_header(buf: bytes | memoryview) -> Header:
         raise CorruptEntry(f"bad journal record magic {bytes(magic)!r}")
     if version != VERSION:
         raise CorruptEntry(f"unsupported journal record version {version}")
-    if rtype not in (ENTRY, WRAP) or flags != 0:
+    if rtype not in (ENTRY, WRAP, ZERO) or flags != 0:
         raise CorruptEntry(f"bad journal record type {rtype} / flags {flags:#x}")
     if seq == 0:
         raise CorruptEntry("journal record with sequence number 0")
     if rtype == WRAP and (length or volume_id or offset):
         raise CorruptEntry(f"journal wrap marker {seq} carries data fields")
+    if rtype == ZERO and length != ZERO_DATA_BYTES:
+        raise CorruptEntry(f"journal zero record {seq} with {length} data bytes")
     return Header(rtype, epoch, seq, volume_id, offset, length, crc)
 
 

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+from replicator.core.effects import Zeros
 from replicator.core.journal_space import RingSpace
 from replicator.errors import IntegrityError, RangeNotStored, StateError, UsageError
 
-from .entry import (ENTRY, HEADER_SIZE, MAGIC, MAX_DATA_BYTES, U32_MAX, U64_MAX, WRAP, CorruptEntry,
-                    Entry, Header, decode, decode_header, encode_header, encode_wrap)
+from .entry import (ENTRY, HEADER_SIZE, MAGIC, MAX_DATA_BYTES, U32_MAX, U64_MAX, WRAP, ZERO, CorruptEntry,
+                    Entry, Header, decode, decode_header, encode_header, encode_wrap, zero_data, zeroed_length)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class _Slot(NamedTuple):
     epoch: int
     volume_id: int
     offset: int
-    length: int
+    length: int              # data bytes after the header
+    span: int                # bytes of the volume it changes (a ZERO record's zeroed length)
+    zero: bool = False
 
     @property
     def end(self) -> int:
@@ -232,12 +235,13 @@ class Journal:
         return self._closed
 
     # ------------------------------------------------------------------ operations
-    def append(self, volume: str, offset: int, data: bytes) -> int:
-        """Store one host write (SPEC 5.6, S2401-S2404) and return its sequence number.
-
-        Raises JournalFull, changing nothing, when there is no room.
+    def append(self, volume: str, offset: int, data: bytes | memoryview | Zeros) -> int:
+        """Store one host write (SPEC 5.6, S2401-S2404), or a zeroing (a ZERO record), and return
+        its sequence number. Raises JournalFull, changing nothing, when there is no room.
         """
-        view = memoryview(data).cast("B")
+        zero = isinstance(data, Zeros)
+        span = len(data)
+        view = memoryview(zero_data(span) if zero else data).cast("B")  # type: ignore[arg-type]
         size = HEADER_SIZE + len(view)
         if len(view) > MAX_DATA_BYTES or size > self._capacity:
             raise JournalFull(f"journal {self.name}: an entry of {len(view)} bytes can never fit "
@@ -251,9 +255,9 @@ class Journal:
             seq = self._counter
             if wrap_at is not None:
                 _pwrite_all(self._fd, [encode_wrap(seq, epoch=self._epoch)], wrap_at)
-            header = encode_header(seq, volume_id, offset, view, epoch=self._epoch)
+            header = encode_header(seq, volume_id, offset, view, epoch=self._epoch, type=ZERO if zero else ENTRY)
             _pwrite_all(self._fd, [header, view], pos)
-            self._index[seq] = _Slot(pos, self._epoch, volume_id, offset, len(view))
+            self._index[seq] = _Slot(pos, self._epoch, volume_id, offset, len(view), span, zero)
             self._space.add(seq, pos, size)
             self._data_bytes += len(view)
             self._stored = seq
@@ -315,7 +319,7 @@ class Journal:
         """
         with self._lock:
             self._check_open()
-            return [(self._names[s.volume_id], s.offset, s.length)
+            return [(self._names[s.volume_id], s.offset, s.span)
                     for seq, s in self._index.items() if seq > self._applied]
 
     def fold_unapplied(self) -> list[tuple[str, int, int]]:
@@ -326,7 +330,7 @@ class Journal:
         """
         with self._meta_lock, self._lock:
             self._check_open()
-            folded = [(self._names[s.volume_id], s.offset, s.length)
+            folded = [(self._names[s.volume_id], s.offset, s.span)
                       for seq, s in self._index.items() if seq > self._applied]
             if self._stored > self._discarded:
                 self._write_meta(self._snapshot(discarded=self._stored))
@@ -410,7 +414,7 @@ class Journal:
         with self._lock:
             rec = self.last_recovery
             return {"counter": self._counter, "stored": self._stored, "discarded": self._discarded,
-                    "entries": [(q, self._names[x.volume_id], x.offset, x.length) for q, x in self._index.items()],
+                    "entries": [(q, self._names[x.volume_id], x.offset, x.span) for q, x in self._index.items()],
                     "head": self._space.head, "slots": list(self._space.live), "capacity_bytes": self._capacity,
                     "lost_entries": rec.lost_entries, "folded": list(rec.folded)}
 
@@ -521,7 +525,7 @@ class Journal:
                 try:
                     header, data = decode(buf[rel:rel + HEADER_SIZE + slot.length])
                     got = (header.type, header.seq, header.epoch, header.volume_id, header.offset, header.length)
-                    want = (ENTRY, seq, slot.epoch, slot.volume_id, slot.offset, slot.length)
+                    want = (ZERO if slot.zero else ENTRY, seq, slot.epoch, slot.volume_id, slot.offset, slot.length)
                     problem = "" if got == want else f"record {got} where {want} was expected"
                 except CorruptEntry as exc:
                     problem = str(exc)
@@ -533,7 +537,8 @@ class Journal:
                     if out:
                         return out
                     raise RangeNotStored(self._not_stored(seq))
-                out.append(Entry(seq, self._names[slot.volume_id], slot.offset, bytes(data)))
+                out.append(Entry(seq, self._names[slot.volume_id], slot.offset,
+                                 Zeros(slot.span) if slot.zero else bytes(data)))
             i = j
         return out
 
@@ -660,7 +665,7 @@ class Journal:
             decode(raw if size == HEADER_SIZE else os.pread(self._fd, size, at))
         except CorruptEntry as exc:
             return None, size, f"entry {expected} at byte {at} is torn or corrupt: {exc}"
-        if header.type == ENTRY and header.volume_id not in self._names:
+        if header.type != WRAP and header.volume_id not in self._names:
             return None, size, f"entry {expected} at byte {at} names unknown volume id {header.volume_id}"
         return header, 0, ""
 
@@ -683,7 +688,9 @@ class Journal:
                 dropped, reason = 0, "the scan went round the whole ring"
                 break
             consumed += step
-            index[expected] = _Slot(at, header.epoch, header.volume_id, header.offset, header.length)
+            zero = header.type == ZERO
+            span = zeroed_length(os.pread(self._fd, header.length, at + HEADER_SIZE)) if zero else header.length
+            index[expected] = _Slot(at, header.epoch, header.volume_id, header.offset, header.length, span, zero)
             expected, min_epoch = expected + 1, header.epoch
             pos = (at + header.record_bytes) % cap
 

@@ -49,11 +49,15 @@ def can_multi_conn(h):
 
 
 def can_zero(h):
-    return True  # emulated by nbdkit with pwrite of zeros, so zeros replicate like data
+    return True  # WRITE_ZEROES: a punched hole on every replica, replicated without payload
+
+
+def can_fast_zero(h):
+    return True  # a punched hole is never slower than writing the zeros
 
 
 def can_trim(h):
-    return True  # accepted and ignored, which NBD allows: replicas stay identical
+    return True  # TRIM: the range reads as zeros afterwards on every replica (a thin volume shrinks)
 
 
 def setup_logging(path, level="INFO"):

@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
-from nbd_plugins.common import (API_VERSION, can_fua, can_flush, can_multi_conn,  # noqa: E402,F401
+from nbd_plugins.common import (API_VERSION, can_fast_zero, can_fua, can_flush, can_multi_conn,  # noqa: E402,F401
                                 can_trim, can_write, can_zero, default_export, fail,
                                 logged_start, setup_logging, thread_model)
 
@@ -86,8 +86,16 @@ def flush(h, flags):
 
 
 def trim(h, count, offset, flags):
-    """NBD allows a server to ignore TRIM; doing so keeps primary and secondary identical."""
+    """TRIM: the range reads as zeros on every replica afterwards (journaled like a write)."""
     try:
-        _node.trim(h, count, offset)
+        _node.trim(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
+    except Exception as exc:
+        fail(exc)
+
+
+def zero(h, count, offset, flags):
+    """WRITE_ZEROES (also a fast zero): a punched hole, replicated as a command without payload."""
+    try:
+        _node.zero(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
         fail(exc)

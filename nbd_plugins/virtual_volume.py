@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
-from nbd_plugins.common import (API_VERSION, can_fua, can_flush, can_multi_conn,  # noqa: E402,F401
+from nbd_plugins.common import (API_VERSION, can_fast_zero, can_fua, can_flush, can_multi_conn,  # noqa: E402,F401
                                 can_trim, can_write, can_zero, default_export, fail,
                                 logged_start, setup_logging, thread_model)
 
@@ -97,7 +97,7 @@ def zero(h, count, offset, flags):
 
 
 def trim(h, count, offset, flags):
-    """NBD allows a server to ignore TRIM; doing so keeps primary and secondary identical."""
+    """TRIM goes to the volume the virtual volume maps to, like a write."""
     try:
         _engine.trim(h, count, offset)
     except Exception as exc:

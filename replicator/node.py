@@ -76,8 +76,11 @@ class Node:
     def flush(self, volume: str) -> None:
         self._host("flush", volume)
 
-    def trim(self, volume: str, length: int, offset: int) -> None:
-        self._host("trim", volume, offset, length)
+    def trim(self, volume: str, length: int, offset: int, fua: bool = False) -> None:
+        self._host("trim", volume, offset, length, fua=fua)
+
+    def zero(self, volume: str, length: int, offset: int, fua: bool = False) -> None:
+        self._host("zero", volume, offset, length, fua=fua)
 
     def size(self, volume: str) -> int:
         def get() -> int:

@@ -26,6 +26,22 @@ class Effect:
 
 
 # ---------------------------------------------------------------------- volumes
+@dataclass(frozen=True, slots=True)
+class Zeros:
+    """A TRIM or WRITE_ZEROES: the range reads as zeros afterwards. It goes where a write's data
+    goes (journal, wire, apply), in the same order, as a command without payload."""
+
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def put(volume: str, offset: int, data: "bytes | memoryview | Zeros") -> "VolWrite | VolZero":
+    """The effect that stores a write or a zeroing (a punched hole) at ``offset``."""
+    return VolZero(volume, offset, data.length) if isinstance(data, Zeros) else VolWrite(volume, offset, data)
+
+
 @dataclass(slots=True, eq=False)
 class VolRead(Effect):
     """Read bytes; with ``sparse``, None if the range holds no data (reads as zeros)."""

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from collections import deque
 
+from .effects import Zeros
+
 RECORD_HEADER_BYTES = 40   # journal/entry.py HEADER_SIZE (a unit test checks they agree)
+ZERO_RECORD_DATA_BYTES = 8  # a ZERO record carries only its length (journal/entry.py)
+
+
+def record_bytes(data: "bytes | memoryview | Zeros") -> int:
+    """Bytes a record of ``data`` (a write's, or a zeroing) takes in the ring."""
+    return RECORD_HEADER_BYTES + (ZERO_RECORD_DATA_BYTES if isinstance(data, Zeros) else len(data))
 
 
 class RingSpace:

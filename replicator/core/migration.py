@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Generator
 from .. import wire
 from ..errors import NodeUnreachable, ProtocolError, RcopyError, StateError, UsageError
 from . import tables as T
-from .effects import VolHoleRun, VolRead, VolWrite, VolZero
+from .effects import VolHoleRun, VolRead, VolWrite, VolZero, put
+from .payload import write_data, write_fields
 from .model import Member, PeerVolume, SourceMigration, TargetMigration
 from .runtime import Sleep, Wait
 
@@ -202,9 +203,10 @@ class Migrations:
             return
         src = vol.info.migration_source_info
         assert src is not None
+        fields, frames = write_fields(data)
         try:
             yield from self.core.call(src.node, src.control, "mig.dual_write",
-                                      {"volume": src.volume, "offset": offset}, [bytes(data)],
+                                      {"volume": src.volume, "offset": offset, **fields}, frames,
                                       timeout_s=self.core.cfg.sync_timeout_s)
         except RcopyError as exc:
             tm.dual_write_lost = f"V1 missed a write at {vol.name} offset {offset}: {exc}"
@@ -796,11 +798,10 @@ class Migrations:
         v = self.core.volume(msg["volume"])
         if not self.frozen(v):
             raise StateError(f"{self.core.name}:{v.name} is not a migration source past its handover")
-        if not msg.payloads:
-            raise ProtocolError("mig.dual_write without data")
+        data = write_data(msg.fields, msg.payloads, "mig.dual_write")
         offset = int(msg["offset"])
-        v.check(offset, len(msg.payloads[0]))
-        yield VolWrite(v.name, offset, msg.payloads[0])
+        v.check(offset, len(data))
+        yield put(v.name, offset, data)
         v.syncer.wrote()
         return wire.ok()
 

@@ -163,7 +163,7 @@ class NodeCore:
             elif ev.op == "flush":
                 yield from self.primary.host_flush(vol)
             elif ev.op in ("trim", "zero"):
-                yield from self.primary.host_trim(vol, ev.offset, ev.length)
+                yield from self.primary.host_trim(vol, ev.offset, ev.length, ev.fua)
             else:
                 raise UsageError(f"unknown host request {ev.op!r}")
             self.rt.emit(HostDone(ev.req))

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Generator
 from .. import wire
 from ..errors import NodeUnreachable, RcopyError, StateError, UsageError
 from . import tables as T
-from .effects import JournalCreate, JournalDelete, VolHoleRun, VolRead, VolWrite, VolZero
+from .effects import JournalCreate, JournalDelete, VolHoleRun, VolRead, VolZero, Zeros, put
+from .payload import write_data, write_fields
 from .model import PeerVolume, SourceGroupInfo, check_name
 from .runtime import Sleep, Wait
 from .source_group import SourceGroup
@@ -111,7 +112,7 @@ class PrimarySide:
                     continue
                 # No write to this region is newer than a live entry: a suspended async pair folds
                 # (discards) its journal before any write bypasses it.
-                yield VolWrite(v.name, e.offset, e.data)
+                yield put(v.name, e.offset, e.data)
                 v.syncer.wrote()
                 count += 1
             first = last + 1
@@ -185,14 +186,17 @@ class PrimarySide:
         finally:
             self.core.mig.done(vol)
 
-    def host_write(self, vol: "Volume", offset: int, data: bytes | memoryview, fua: bool) -> Generator[Any, Any, None]:
+    def host_write(self, vol: "Volume", offset: int, data: bytes | memoryview | Zeros,
+                   fua: bool) -> Generator[Any, Any, None]:
+        """A host write, or a zeroing (TRIM / WRITE_ZEROES as ``Zeros``): the same path, the same order."""
         vol.check(offset, len(data))
         if vol.info.remote_copy_flag == "dest":
             from ..errors import ReadOnlyError
             raise ReadOnlyError(f"{self.core.name}:{vol.name} is a remote-copy secondary; hosts cannot write it")
         mode = yield from self.core.mig.admit(vol, write=True)
         if mode == T.THROUGH:
-            yield from self.core.mig.relay(vol, "volume.write", [bytes(data)], offset=offset, fua=fua)
+            fields, frames = write_fields(data)
+            yield from self.core.mig.relay(vol, "volume.write", frames, offset=offset, fua=fua, **fields)
             return
         try:
             regions = vol.regions(offset, len(data))
@@ -219,11 +223,11 @@ class PrimarySide:
         finally:
             self.core.mig.done(vol)
 
-    def host_trim(self, vol: "Volume", offset: int, length: int) -> Generator[Any, Any, None]:
-        """Accepted and ignored (NBD lets a server ignore TRIM): the contents stay as they were."""
-        vol.check(offset, length)
-        return
-        yield
+    def host_trim(self, vol: "Volume", offset: int, length: int, fua: bool = False) -> Generator[Any, Any, None]:
+        """TRIM and WRITE_ZEROES: the range reads as zeros on every replica (a punched hole, so a
+        thin volume shrinks), journaled and replicated in write order as a command without payload."""
+        if length:
+            yield from self.host_write(vol, offset, Zeros(length), fua)
 
     def flush_local(self, vol: "Volume") -> Generator[Any, Any, None]:
         """NBD flush: every acknowledged write of this volume becomes durable (and what tracks it)."""
@@ -245,8 +249,8 @@ class PrimarySide:
         else:
             yield from self._write_async(vol, offset, data)
 
-    def _write_volume(self, vol: "Volume", offset: int, data: bytes | memoryview) -> Generator[Any, Any, None]:
-        yield VolWrite(vol.name, offset, data)
+    def _write_volume(self, vol: "Volume", offset: int, data: bytes | memoryview | Zeros) -> Generator[Any, Any, None]:
+        yield put(vol.name, offset, data)
         vol.syncer.wrote()
 
     def mark_dirty(self, vol: "Volume", offset: int, length: int) -> Generator[Any, Any, None]:
@@ -317,9 +321,12 @@ class PrimarySide:
         finally:
             self._activity_exit(vol, regions)
 
-    def send_copy(self, vol: "Volume", offset: int, data: bytes | memoryview | None, zero: int = 0,
+    def send_copy(self, vol: "Volume", offset: int, data: bytes | memoryview | Zeros | None, zero: int = 0,
                   after_seq: int = 0) -> Generator[Any, Any, None]:
-        """pair.write to the secondary: a sync write, or one region of a copy (``after_seq``: async)."""
+        """pair.write to the secondary: a sync write or zeroing, or one region of a copy
+        (``after_seq``: async)."""
+        if isinstance(data, Zeros):
+            data, zero = None, data.length
         dest = vol.info.copy_dest_info
         assert dest is not None
         timeout = self.core.cfg.copy_wait_s + self.core.cfg.sync_timeout_s if after_seq else self.core.cfg.sync_timeout_s
@@ -750,11 +757,9 @@ class PrimarySide:
 
     def _h_volume_write(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """A host write relayed by another node (THROUGH mode, S1105/S1106)."""
-        from ..errors import ProtocolError
         vol = self.core.volume(msg["volume"])
-        if not msg.payloads:
-            raise ProtocolError("volume.write without data")
-        yield from self.host_write(vol, int(msg["offset"]), msg.payloads[0], bool(msg.get("fua")))
+        data = write_data(msg.fields, msg.payloads, "volume.write")
+        yield from self.host_write(vol, int(msg["offset"]), data, bool(msg.get("fua")))
         return wire.ok()
 
     def _h_volume_flush(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:

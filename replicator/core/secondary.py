@@ -24,7 +24,9 @@ from .. import wire
 from ..errors import NotFound, ProtocolError, RangeNotStored, RcopyError, StateError, UsageError
 from . import tables as T
 from .applier import OrderedApplier
-from .effects import SaveApplied, VolWrite, VolZero
+from .effects import SaveApplied, VolWrite, VolZero, Zeros, put
+from .journal_space import ZERO_RECORD_DATA_BYTES
+from .payload import entry_data
 from .model import DestGroupInfo, PeerVolume
 from .runtime import Sleep, Wait
 from .verify import ChangeLog
@@ -122,7 +124,7 @@ class SecondarySide:
             try:
                 for seq, (vol, offset, data) in run:             # S2702/S2703, oldest first
                     dg.changes.note(core.rt.now, vol.name, offset, len(data), seq)
-                    yield VolWrite(vol.name, offset, data)
+                    yield put(vol.name, offset, data)
                     vol.syncer.wrote()
                     touched[vol.name] = vol
                 last = run[-1][0]
@@ -205,8 +207,7 @@ class SecondarySide:
                     seq, vname, offset, length = int(meta[0]), str(meta[1]), int(meta[2]), int(meta[3])
                 except (TypeError, ValueError, IndexError):
                     raise ProtocolError(f"malformed journal entry {meta!r}") from None
-                if length != len(data):
-                    raise ProtocolError(f"journal entry {seq}: length {length} but {len(data)} bytes")
+                data = entry_data(meta, data, seq, length)
                 vol, index = self.dest_volume_for(source, vname)
                 self.accept_source(vol, source, vname)
                 n0 = dg.info.handover_seq
@@ -214,7 +215,8 @@ class SecondarySide:
                     if (index == 1 and seq >= n0) or (index == 2 and seq < n0):
                         raise ProtocolError(f"sequence {seq} from source {index} violates the handover at {n0}")
                 vol.check(offset, length)
-                offered |= dg.applier.offer(seq, (vol, offset, data), length)
+                held = ZERO_RECORD_DATA_BYTES if isinstance(data, Zeros) else length   # what it holds in memory
+                offered |= dg.applier.offer(seq, (vol, offset, data), held)
         finally:
             if offered:
                 self.core.rt.notify(("offered", dg.name))

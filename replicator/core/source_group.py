@@ -23,7 +23,8 @@ from .. import wire
 from ..errors import RangeNotStored, RcopyError
 from . import tables as T
 from .effects import JEntry, JournalAppend, JournalDiscard, JournalRead, JournalSync
-from .journal_space import RECORD_HEADER_BYTES, RingSpace
+from .journal_space import RingSpace, record_bytes
+from .payload import entry_frames
 from .model import PeerVolume, SourceGroupInfo
 from .runtime import Sleep, Wait
 
@@ -143,7 +144,7 @@ class SourceGroup:
                 yield Wait(("append", self.name))
                 continue
             batch = list(self.pending)[: self.core.cfg.push_batch_entries]
-            sizes = [RECORD_HEADER_BYTES + len(p.data) for p in batch]
+            sizes = [record_bytes(p.data) for p in batch]
             n = self.space.fits(sizes)
             if n == 0:
                 if self.discarding:
@@ -352,11 +353,11 @@ class SourceGroup:
                 except RangeNotStored:    # folded or discarded meanwhile
                     yield Wait(("discarded", self.name), timeout_s=cfg.link_retry_s)
                     continue
+            metas, frames = entry_frames(entries)
             try:
                 reply = yield from self.core.call(dest.node, dest.control, "journal.push", {
-                    "group": self.name, "source": self.core.name,
-                    "entries": [[e.seq, e.volume, e.offset, len(e.data)] for e in entries]},
-                    [e.data for e in entries], timeout_s=cfg.sync_timeout_s)
+                    "group": self.name, "source": self.core.name, "entries": metas},
+                    frames, timeout_s=cfg.sync_timeout_s)
             except RcopyError as exc:
                 self.link_up, self.last_error = False, str(exc)
                 self.next_send = self.applied + 1
@@ -396,8 +397,8 @@ class SourceGroup:
         entries = yield JournalRead(self.name, start, last)
         if entries:
             self.transferred = max(self.transferred, entries[-1].seq)
-        return wire.ok([e.data for e in entries],
-                       entries=[[e.seq, e.volume, e.offset, len(e.data)] for e in entries])
+        metas, frames = entry_frames(entries)
+        return wire.ok(frames, entries=metas)
 
     # ================================================================== lag
     def _sample(self, seq: int) -> None:

@@ -92,6 +92,9 @@ class Checker:
         if isinstance(eff, E.JournalAppend):
             seen = self.appended.setdefault((d.name, eff.group), set())
             for e in eff.entries:
+                if isinstance(e.data, E.Zeros):   # a zeroing names no write: no bound from its number
+                    seen.add(e.seq)
+                    continue
                 ids = decode(bytes(e.data), e.offset // BLOCK)
                 if not ids or ids[0] is None or any(i != ids[0] for i in ids):
                     self.w.violation(f"{d.name}: journal entry {e.seq} does not hold one host write")
@@ -317,6 +320,8 @@ class Checker:
                     self.w.violation(f"site-b:{v.name} block {b} is torn or foreign while consistent")
                     return
                 b_low, pos = -INF, -1
+                if wid == 0:    # the initial zeros or any zeroing: bound only by what came after the last
+                    pos = max([i for i, x in enumerate(hb.writes) if x.zero], default=-1)
                 if wid:
                     pos = hb.pos.get(wid)
                     if pos is None:

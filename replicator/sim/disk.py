@@ -18,8 +18,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..core.effects import JEntry
-from ..core.journal_space import RECORD_HEADER_BYTES, RingSpace
+from ..core.effects import JEntry, Zeros
+from ..core.journal_space import RingSpace, record_bytes
 from ..core.node import JournalState
 from ..errors import IntegrityError, RangeNotStored
 
@@ -79,7 +79,7 @@ class _Record:
     seq: int
     volume: str
     offset: int
-    data: bytes
+    data: bytes | Zeros
     pos: int
     durable: bool = False
 
@@ -110,13 +110,14 @@ class SimJournal:
         for e in entries:
             if e.seq != self.stored + 1:
                 raise IntegrityError(f"journal append of seq {e.seq} after {self.stored}")
-            size = RECORD_HEADER_BYTES + len(e.data)
+            size = record_bytes(e.data)
             where = self.space.place(size)
             if where is None:
                 raise IntegrityError(f"journal full: the core appended {size} bytes that do not fit "
                                      f"({self.space.used()} of {self.capacity} used)")
             self.space.add(e.seq, where[0], size)
-            self.records.append(_Record(e.seq, e.volume, e.offset, bytes(e.data), where[0]))
+            data = e.data if isinstance(e.data, Zeros) else bytes(e.data)
+            self.records.append(_Record(e.seq, e.volume, e.offset, data, where[0]))
 
     def sync(self) -> None:
         for r in self.records:
@@ -158,9 +159,9 @@ class SimJournal:
         # Recovery rebuilds the ring from what it found (positions as written).
         self.space.live.clear()
         for r in kept:
-            self.space.live.append((r.seq, r.pos, r.pos + RECORD_HEADER_BYTES + len(r.data)))
+            self.space.live.append((r.seq, r.pos, r.pos + record_bytes(r.data)))
         if kept:
-            self.space.head = (kept[-1].pos + RECORD_HEADER_BYTES + len(kept[-1].data)) % self.capacity
+            self.space.head = (kept[-1].pos + record_bytes(kept[-1].data)) % self.capacity
 
     def recovered(self) -> JournalState:
         lost = max(0, self.counter - 1 - self.stored)

@@ -61,6 +61,7 @@ class Write:
     acked: float | None = None
     failed: str = ""
     fua: bool = False
+    zero: bool = False       # a WRITE_ZEROES / TRIM: the blocks read as zeros (write id 0) after it
     durable: bool = False
     suspect: bool = False    # in flight when a primary lost power: its ack may come from before the loss
 
@@ -133,6 +134,8 @@ class Host:
         self.old_path: OldPath | None = None
         self.old_share = 0.0                 # the part of the writes that takes the old path
         self.path_rnd = random.Random(rnd.random())
+        self.zero_share = 0.0                # the part of the requests that zero blocks (TRIM, WRITE_ZEROES)
+        self.zero_rnd = random.Random(0)     # its own stream: seeds without zeroing run as they always did
 
     # ------------------------------------------------------------------ load
     def start(self, until: float) -> None:
@@ -144,7 +147,9 @@ class Host:
         w = self.world
         if not self.running or w.now >= self.stop_at:
             return
-        if len(self.inflight) < self.qd:
+        if len(self.inflight) < self.qd and self.zero_share and self.zero_rnd.random() < self.zero_share:
+            self._zero()
+        elif len(self.inflight) < self.qd:
             r = self.rnd.random()
             if r < 0.8:
                 self._write()
@@ -154,9 +159,9 @@ class Host:
                 self._flush()
         w.after(self.rnd.expovariate(self.rate_hz / self.qd), self._issue)
 
-    def _free_range(self, count: int) -> int | None:
+    def _free_range(self, count: int, rnd: Any = None) -> int | None:
         for _ in range(8):
-            b = self.rnd.randrange(0, self.blocks - count + 1)
+            b = (rnd or self.rnd).randrange(0, self.blocks - count + 1)
             if not any(x in self.busy for x in range(b, b + count)):
                 return b
         return None
@@ -165,8 +170,8 @@ class Host:
                 fua: bool = False) -> None:
         req = ("host", next(self.ids), kind)
         self.inflight[req] = (kind, ctx)
-        if kind == "write" and self.old_path is not None and self.path_rnd.random() < self.old_share:
-            assert data is not None
+        if kind == "write" and data is not None and self.old_path is not None \
+                and self.path_rnd.random() < self.old_share:
             self.old_path.send(req, offset, data, fua)
             return
         vv = self.world.daemons[self.vvol]
@@ -185,6 +190,21 @@ class Host:
             self.busy.add(x)
             self.hist[x].add(write)
         self._submit("write", write, "write", b * BLOCK, len(data), data, write.fua)
+
+    def _zero(self) -> None:
+        """A TRIM or WRITE_ZEROES of a few blocks: afterwards they read as zeros."""
+        count = self.zero_rnd.choice((1, 2, 4, 8))
+        b = self._free_range(count, self.zero_rnd)
+        if b is None:
+            return
+        wid = next(self.ids)
+        write = Write(wid, b, count, self.world.now, fua=self.zero_rnd.random() < 0.05, zero=True)
+        self.writes[wid] = write
+        for x in range(b, b + count):
+            self.busy.add(x)
+            self.hist[x].add(write)
+        self._submit("write", write, self.zero_rnd.choice(("zero", "trim")), b * BLOCK, count * BLOCK, None,
+                     write.fua)
 
     def _read(self) -> None:
         count = self.rnd.choice((1, 2, 4))
@@ -259,8 +279,8 @@ class Host:
         if wid is None:
             return False
         h = self.hist[block]
-        if wid == 0:
-            return h.floor < 0
+        if wid == 0:          # the initial zeros, or a zeroing the host may find
+            return h.floor < 0 or any(w.zero and (i >= h.floor or bool(w.failed)) for i, w in enumerate(h.writes))
         i = h.pos.get(wid)
         return i is not None and (i >= h.floor or bool(h.writes[i].failed))
 

@@ -212,6 +212,9 @@ class Run:
             h = Host(self.w, "host", VOLUME_BYTES // BLOCK, random.Random(self.p.seed * 131 + len(self.hosts)),
                      qd=self.p.qd)
             h.app = app
+            if random.Random(f"zero-{self.p.seed}").random() < 0.5:     # half the seeds TRIM / WRITE_ZEROES too
+                h.zero_share = 0.08
+                h.zero_rnd = random.Random(self.p.seed * 977 + len(self.hosts))
             if self.p.procedure.startswith("migrate"):      # some writes keep going straight to V1
                 h.old_path = OldPath(self.w, h, "site-a1", v1)
                 self.w.daemons[h.old_path.name] = h.old_path

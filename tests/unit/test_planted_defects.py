@@ -142,3 +142,14 @@ def test_the_simulator_finds_a_fold_that_leaves_v1s_backlog_in_v1s_bitmap(monkey
     from replicator.core import source_group
     monkeypatch.setattr(source_group.SourceGroup, "tracker", lambda self, vname: self.core.volumes.get(vname))
     assert _first_failing_seed(range(0, 1000), procedures=("migrate-local",)) is not None
+
+
+def test_the_simulator_finds_a_secondary_that_ignores_a_trim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRIM / WRITE_ZEROES reach V3 in write order as commands without payload; a V3 that drops
+    them keeps data the primary no longer has."""
+    from replicator.core import effects as E
+    from replicator.core import secondary
+    original = secondary.put
+    monkeypatch.setattr(secondary, "put", lambda vol, off, data: E.VolWrite(vol, off, b"")
+                        if isinstance(data, E.Zeros) else original(vol, off, data))
+    assert _first_failing_seed(range(0, 200)) is not None

@@ -111,6 +111,7 @@ def test_a_seed_replays_exactly_in_another_process() -> None:
     assert outs[0] == outs[1] and "violation" in outs[0]
 
 
+@pytest.mark.timeout(1200)     # about 270 s on 2 CPUs, longer when something else runs
 def test_the_default_run_has_no_violation() -> None:
     """``rcopy sim`` with its defaults: 10,000 seeds, every procedure and fault kind."""
     proc = subprocess.run([sys.executable, "-m", "replicator.sim.cli"], capture_output=True, text=True,
