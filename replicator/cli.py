@@ -160,8 +160,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _verify_online(args: argparse.Namespace) -> int:
-    if args.rate < 0:
-        raise UsageError("--rate must be >= 0 (MiB/s; 0: no limit)")
+    text = str(args.rate or "0").strip()
+    try:        # a bare number is MiB/s; with a unit, bytes per second like migrate --rate (50M, 1G)
+        rate = float(text) * 2**20 if text.replace(".", "", 1).isdigit() else float(parse_size(text))
+    except (UsageError, ValueError):
+        raise UsageError(f"--rate: {text!r} is not a rate (MiB/s, or bytes per second like 50M)") from None
     tty = sys.stderr.isatty()
     shown = {"tenth": -1}
 
@@ -174,7 +177,7 @@ def _verify_online(args: argparse.Namespace) -> int:
         elif not args.json and tenth != shown["tenth"]:
             print(line, file=sys.stderr, flush=True)
         shown["tenth"] = tenth
-    r = _terminal(args).verify_online(args.a, args.b, repair=args.repair, rate_bytes_s=args.rate * 2**20,
+    r = _terminal(args).verify_online(args.a, args.b, repair=args.repair, rate_bytes_s=rate,
                                       timeout_s=args.timeout, progress=show)
     if tty:
         print(file=sys.stderr)
@@ -425,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--online", action="store_true",
                     help="compare a duplex pair under load, in replication order; mark what differs for the resync")
     sp.add_argument("--repair", action="store_true", help="with --online: resync what differs right away")
-    sp.add_argument("--rate", type=float, default=0.0, help="with --online: at most this many MiB/s (0: no limit)")
+    sp.add_argument("--rate", default="0", help="with --online: at most this much per second: MiB/s, or "
+                                                "with a unit like migrate --rate (50M, 1G); 0: no limit")
     sp.add_argument("--timeout", type=float, default=600.0)
 
     sp = command("lab", cmd_lab, "start or stop a complete three-site lab on this machine")
