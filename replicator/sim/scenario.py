@@ -35,7 +35,7 @@ PROCEDURES = ("steady", "initial-copy", "suspend-resume", "journal-full", "migra
 FAULTS = ("none", "kill", "power", "pause", "cut", "slow")
 EXTRA_PROCEDURES = ("verify",)   # only with --procedures (the default run's seeds stay as they were)
 
-SIM_CONFIG = Config(region_bytes=REGION_BYTES, sync_timeout_s=0.4, copy_wait_s=1.0, peer_timeout_s=1.5,
+SIM_CONFIG = Config(region_bytes=REGION_BYTES, diff_block_bytes=REGION_BYTES // 4, sync_timeout_s=0.4, copy_wait_s=1.0, peer_timeout_s=1.5,
                     control_timeout_s=1.0, heartbeat_s=0.1, link_retry_s=0.02, pull_idle_s=0.05,
                     push_batch_bytes=16 * 1024,
                     push_batch_entries=16, discard_every_s=0.02, journal_bytes_default=96 * 1024,
