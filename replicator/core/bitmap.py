@@ -38,6 +38,7 @@ class Bitmap:
         self.nregions = max(1, -(-size_bytes // region_bytes))
         self.bits = bitarray(self.nregions, endian="little")
         self.bits.setall(False)
+        self._count = 0          # bits set: kept up to date, so status need not count 256M bits
         if raw is not None:
             self.load(raw)
 
@@ -61,7 +62,7 @@ class Bitmap:
         return r.stop > r.start and self.bits[r.start:r.stop].any()
 
     def count(self) -> int:
-        return self.bits.count(1)
+        return self._count
 
     def fraction_set(self) -> float:
         return self.count() / self.nregions
@@ -125,17 +126,20 @@ class Bitmap:
         return self._put_run(r, True)
 
     def _put_run(self, r: range, value: bool) -> Change | None:
-        if r.stop <= r.start or self.bits[r.start:r.stop].count(value) == len(r):
+        already = self.bits[r.start:r.stop].count(value) if r.stop > r.start else 0
+        if already == len(r):
             return None
         self.bits[r.start:r.stop] = value
+        self._count += (len(r) - already) * (1 if value else -1)
         return self._bytes(r.start // 8, (r.stop - 1) // 8 + 1)
 
     def run(self, region: int, limit: int, value: bool = True) -> int:
         """How many regions from ``region`` on are ``value`` (set), one after the other (at most ``limit``)."""
-        n = 0
-        while n < limit and region + n < self.nregions and self.bits[region + n] == value:
-            n += 1
-        return n
+        stop = min(self.nregions, region + limit)
+        try:
+            return self.bits.index(not value, region, stop) - region
+        except ValueError:
+            return max(0, stop - region)
 
     def set(self, region: int) -> Change | None:
         return self._put(region, True)
@@ -145,10 +149,12 @@ class Bitmap:
 
     def set_all(self) -> Change:
         self.bits.setall(True)
+        self._count = self.nregions
         return Change(0, self.to_bytes())
 
     def clear_all(self) -> Change:
         self.bits.setall(False)
+        self._count = 0
         return Change(0, self.to_bytes())
 
     def merge(self, other: bytes) -> Change:
@@ -159,6 +165,7 @@ class Bitmap:
         o.frombytes(other)
         del o[self.nregions:]
         self.bits |= o
+        self._count = self.bits.count(1)
         return Change(0, self.to_bytes())
 
     def load(self, raw: bytes) -> None:
@@ -167,11 +174,13 @@ class Bitmap:
         self.bits = bitarray(endian="little")
         self.bits.frombytes(raw[: (self.nregions + 7) // 8])
         del self.bits[self.nregions:]
+        self._count = self.bits.count(1)
 
     def _put(self, region: int, value: bool) -> Change | None:
         if self.bits[region] == value:
             return None
         self.bits[region] = value
+        self._count += 1 if value else -1
         return self._bytes(region // 8, region // 8 + 1)
 
     def _bytes(self, start: int, stop: int) -> Change:
@@ -249,7 +258,10 @@ class DiffMap:
         changes = []
         for offset, length in ranges:
             changes.append(self.blocks.clear_regions(self.blocks.regions(offset, length)))
-            self._summarise(self.regions(offset, length))
+            r = self.regions(offset, length)
+            self.summary.clear_regions(r)           # regions wholly inside are clean now; the
+            self._summarise(range(r.start, r.start + 1))            # two at the edges: look
+            self._summarise(range(r.stop - 1, r.stop))
         return self._joined(changes)
 
     def clear_regions(self, r: range) -> Change | None:
@@ -309,15 +321,20 @@ class DiffMap:
 
     def _summarise(self, regions: range | None = None) -> None:
         """Recompute the summary bits of ``regions`` (all: one scan that skips clean regions)."""
-        per, bits = self._per_region, self.blocks.bits
+        per, blocks = self._per_region, self.blocks
         if regions is not None:
             for r in regions:
-                self.summary.bits[r] = bits[r * per:(r + 1) * per].any()
+                if blocks.any_set(r * self.region_bytes, self.region_bytes):
+                    self.summary.set(r)
+                else:
+                    self.summary.clear(r)
             return
-        full = bits.all()
-        self.summary.bits.setall(full)
-        block = None if full else self.blocks.first_set()
+        if blocks.all_set():
+            self.summary.set_all()
+            return
+        self.summary.clear_all()
+        block = blocks.first_set()
         while block is not None:
             region = block // per
-            self.summary.bits[region] = True
-            block = self.blocks.first_set((region + 1) * per)
+            self.summary.set(region)
+            block = blocks.first_set((region + 1) * per)

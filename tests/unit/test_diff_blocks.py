@@ -183,3 +183,32 @@ def test_a_1_tib_diffmap_stays_small_and_its_initial_copy_walks_regions() -> Non
     m.load(m.to_bytes())                                               # a restart: one scan
     assert m.first_set() == m.nregions - 1 and m.count() == 1
     assert time.perf_counter() - t0 < 5.0
+
+
+def test_diffmap_count_and_summary_agree_with_its_bits_after_any_changes() -> None:
+    rnd = random.Random(3)
+    size, region, blk = 64 * KiB + 1536, 4 * KiB, 512
+    m = DiffMap(size, region, blk)
+    for _ in range(2000):
+        op = rnd.randrange(5)
+        offset = rnd.randrange(size)
+        length = rnd.randrange(1, min(12 * KiB, size - offset) + 1)
+        if op == 0:
+            m.set_range(offset, length)
+        elif op == 1:
+            m.clear_ranges([(offset, length)])
+        elif op == 2:
+            r = rnd.randrange(m.nregions)
+            m.clear_ranges(m.runs(r)[: rnd.randrange(3)])
+        elif op == 3:
+            first = rnd.randrange(m.nregions)
+            m.clear_regions(range(first, rnd.randrange(first, m.nregions + 1)))
+        else:
+            other = Bitmap(size, region)
+            other.set(rnd.randrange(other.nregions))
+            m.cover(other)
+        assert m.count() == m.blocks.bits.count(1)
+        assert [m.is_set(r) for r in range(m.nregions)] == \
+            [m.blocks.any_set(r * region, region) for r in range(m.nregions)]
+        assert m.run(0, 4) == next((i for i in range(min(4, m.nregions)) if not m.is_set(i)), min(4, m.nregions))
+    assert DiffMap(size, region, blk, m.to_bytes()).to_bytes() == m.to_bytes()
