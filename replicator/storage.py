@@ -209,7 +209,7 @@ class NodeStorage:
         """A clear bitmap, durably, in place of any old one (written aside, then renamed)."""
         nbytes, header = self._geometry(size, block_bytes)
         path = self._bitmap_path(name, kind)
-        atomic_write(path, header + bytes(nbytes))
+        atomic_write(path, header, BITMAP_HEADER_BYTES + nbytes)      # 32 MiB of zeros for 1 TiB: sparse
         self.bitmaps[(name, kind)] = os.open(path, os.O_RDWR)
 
     def _create_volume(self, name: str, size: int, diff_block_bytes: int) -> None:

@@ -6,7 +6,7 @@
   by scanning 128 KiB for a 1 TiB volume, not the 32 MiB of block bits.
 
 Raw bit indices never leave these classes: callers speak in byte ranges and region
-numbers. Pure: every change returns the bytes of the bit array it touched
+numbers. Pure: every change says which bytes of the bit array it touched
 (``Change``), which the core persists with a ``BitmapPut`` effect. The on-disk
 layout (a 32-byte header, then these bytes) is the driver's business.
 """
@@ -23,10 +23,10 @@ from ..errors import IntegrityError, UsageError
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """Bytes ``first`` .. ``first + len(data)`` of the bit array, after a change."""
+    """Bytes ``first`` .. ``stop`` of the bit array changed (``bytes_at`` reads them)."""
 
     first: int
-    data: bytes
+    stop: int
 
 
 class Bitmap:
@@ -150,12 +150,12 @@ class Bitmap:
     def set_all(self) -> Change:
         self.bits.setall(True)
         self._count = self.nregions
-        return Change(0, self.to_bytes())
+        return Change(0, (self.nregions + 7) // 8)
 
     def clear_all(self) -> Change:
         self.bits.setall(False)
         self._count = 0
-        return Change(0, self.to_bytes())
+        return Change(0, (self.nregions + 7) // 8)
 
     def merge(self, other: bytes) -> Change:
         """OR in a map of the same geometry given as ``to_bytes()``."""
@@ -166,7 +166,7 @@ class Bitmap:
         del o[self.nregions:]
         self.bits |= o
         self._count = self.bits.count(1)
-        return Change(0, self.to_bytes())
+        return Change(0, (self.nregions + 7) // 8)
 
     def load(self, raw: bytes) -> None:
         if len(raw) < (self.nregions + 7) // 8:
@@ -184,7 +184,7 @@ class Bitmap:
         return self._bytes(region // 8, region // 8 + 1)
 
     def _bytes(self, start: int, stop: int) -> Change:
-        return Change(start, self.bytes_at(start, stop))
+        return Change(start, stop)
 
 
 class DiffMap:
@@ -278,11 +278,10 @@ class DiffMap:
 
     def _joined(self, changes: list[Change | None]) -> Change | None:
         """One change over the bytes of several."""
-        spans = [(c.first, c.first + len(c.data)) for c in changes if c is not None]
+        spans = [c for c in changes if c is not None]
         if not spans:
             return None
-        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-        return Change(lo, self.bytes_at(lo, hi))
+        return Change(min(c.first for c in spans), max(c.stop for c in spans))
 
     def set_all(self) -> Change:
         self.summary.set_all()

@@ -63,9 +63,8 @@ class BitmapFile:
         if change is None:
             return False
         self.version += 1
-        end = change.first + len(change.data)
         self._lo = change.first if self._lo is None else min(self._lo, change.first)
-        self._hi = max(self._hi, end)
+        self._hi = max(self._hi, change.stop)
         return True
 
     def persist(self, sync: bool = False) -> Generator[Any, Any, None]:
