@@ -3,6 +3,7 @@
     STATE/node.json                    management information (replaced atomically)
     STATE/volumes/NAME.img             a volume (sparse file)
     STATE/volumes/NAME.KIND.bitmap     diff / migrated / activity bitmap: 32-byte header, then bits
+                                       (the header names the bytes per bit: a region, or the diff block)
     STATE/journals/GROUP.journal|.meta a source group's journal (journal/FORMAT.md)
     STATE/journals/GROUP.applied       a secondary group's applied pointer: two checksummed slots
     STATE/boot_id, STATE/clean         the machine's boot id at start; present after a clean stop
@@ -30,7 +31,7 @@ from .files import atomic_write, fsync_dir
 from .volume import VolumeStore
 
 BITMAP_MAGIC = b"RCBM"
-_BITMAP_HEADER = struct.Struct("<4sIQQQ")      # magic, version, nregions, region_bytes, size_bytes
+_BITMAP_HEADER = struct.Struct("<4sIQQQ")      # magic, version, nbits, bytes per bit, size_bytes
 BITMAP_HEADER_BYTES = 32
 _APPLIED = struct.Struct("<QQQI")              # record number, applied, applying, crc32 of the rest
 APPLIED_SLOT = 64
@@ -75,7 +76,10 @@ class NodeStorage:
         for name, info in (mgmt or {}).get("volumes", {}).items():
             self._open_volume(name, int(info["size"]))
             for kind in KINDS:
-                st.bitmaps[(name, kind)] = self._load_bitmap(name, kind, int(info["size"]))
+                # a diff bitmap of another block size than the management information says is
+                # not read as this one: it is damaged, and the core marks every block
+                block = int(info.get("diff_block_bytes") or 0) if kind == "diff" else 0
+                st.bitmaps[(name, kind)] = self._load_bitmap(name, kind, int(info["size"]), block)
         for name, info in (mgmt or {}).get("source_groups", {}).items():
             j = Journal(self.jdir, name, int(info["journal_bytes"]))
             self.journals[name] = j
@@ -135,6 +139,10 @@ class NodeStorage:
             os.pwrite(self.bitmaps[(eff.volume, eff.kind)], eff.data, BITMAP_HEADER_BYTES + eff.first)
         elif isinstance(eff, E.BitmapSync):
             os.fdatasync(self.bitmaps[(eff.volume, eff.kind)])
+        elif isinstance(eff, E.BitmapCreate):
+            with self._lock:
+                os.close(self.bitmaps.pop((eff.volume, eff.kind)))
+                self._new_bitmap(eff.volume, eff.kind, eff.size, eff.block_bytes)
         elif isinstance(eff, E.JournalAppend):
             self.journals[eff.group].append_numbered(eff.entries)
         elif isinstance(eff, E.JournalSync):
@@ -162,7 +170,7 @@ class NodeStorage:
         elif isinstance(eff, E.VolHash):
             return self._hash(eff.volume, eff.chunk, eff.offset, eff.length)
         elif isinstance(eff, E.VolCreate):
-            self._create_volume(eff.volume, eff.size)
+            self._create_volume(eff.volume, eff.size, eff.diff_block_bytes)
         elif isinstance(eff, E.VolDelete):
             self._delete_volume(eff.volume)
         else:
@@ -177,36 +185,38 @@ class NodeStorage:
     def _bitmap_path(self, name: str, kind: str) -> Path:
         return self.vdir / f"{name}.{kind}.bitmap"
 
-    def _header(self, size: int) -> bytes:
-        nregions = max(1, -(-size // self.region_bytes))
-        return _BITMAP_HEADER.pack(BITMAP_MAGIC, 1, nregions, self.region_bytes, size).ljust(BITMAP_HEADER_BYTES, b"\0")
+    def _geometry(self, size: int, block_bytes: int) -> tuple[int, bytes]:
+        """(bytes of bits, header) of a bitmap with one bit per ``block_bytes`` (0: per region)."""
+        block_bytes = block_bytes or self.region_bytes
+        nbits = max(1, -(-size // block_bytes))
+        header = _BITMAP_HEADER.pack(BITMAP_MAGIC, 1, nbits, block_bytes, size).ljust(BITMAP_HEADER_BYTES, b"\0")
+        return (nbits + 7) // 8, header
 
-    def _load_bitmap(self, name: str, kind: str, size: int) -> bytes | None:
+    def _load_bitmap(self, name: str, kind: str, size: int, block_bytes: int = 0) -> bytes | None:
         """The bits, or None if the file is missing or damaged (the core then decides)."""
         path = self._bitmap_path(name, kind)
-        nregions = max(1, -(-size // self.region_bytes))
-        nbytes = (nregions + 7) // 8
+        nbytes, header = self._geometry(size, block_bytes)
         raw = path.read_bytes() if path.exists() else b""
-        ok = len(raw) >= BITMAP_HEADER_BYTES + nbytes and raw[:BITMAP_HEADER_BYTES] == self._header(size)
+        ok = len(raw) >= BITMAP_HEADER_BYTES + nbytes and raw[:BITMAP_HEADER_BYTES] == header
         if not ok:
             path.unlink(missing_ok=True)
-            self._new_bitmap(name, kind, size)
+            self._new_bitmap(name, kind, size, block_bytes)
             return None
         self.bitmaps[(name, kind)] = os.open(path, os.O_RDWR)
         return raw[BITMAP_HEADER_BYTES:BITMAP_HEADER_BYTES + nbytes]
 
-    def _new_bitmap(self, name: str, kind: str, size: int) -> None:
-        nregions = max(1, -(-size // self.region_bytes))
-        fd = os.open(self._bitmap_path(name, kind), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(fd, self._header(size) + bytes((nregions + 7) // 8), 0)
-        os.fdatasync(fd)
-        self.bitmaps[(name, kind)] = fd
+    def _new_bitmap(self, name: str, kind: str, size: int, block_bytes: int = 0) -> None:
+        """A clear bitmap, durably, in place of any old one (written aside, then renamed)."""
+        nbytes, header = self._geometry(size, block_bytes)
+        path = self._bitmap_path(name, kind)
+        atomic_write(path, header, BITMAP_HEADER_BYTES + nbytes)      # 32 MiB of zeros for 1 TiB: sparse
+        self.bitmaps[(name, kind)] = os.open(path, os.O_RDWR)
 
-    def _create_volume(self, name: str, size: int) -> None:
+    def _create_volume(self, name: str, size: int, diff_block_bytes: int) -> None:
         with self._lock:
             self._open_volume(name, size, create=True)
             for kind in KINDS:
-                self._new_bitmap(name, kind, size)
+                self._new_bitmap(name, kind, size, diff_block_bytes if kind == "diff" else 0)
             self.stores[name].flush()
             fsync_dir(self.vdir)
 

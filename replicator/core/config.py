@@ -8,7 +8,8 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class Config:
-    region_bytes: int = MiB                 # diff / migrated / activity bitmaps: one bit per region
+    region_bytes: int = MiB                 # region locks, migrated / activity bitmaps: one bit per region
+    diff_block_bytes: int = 4096            # diff_bitmap of a new volume: one bit per block (pair create may choose)
     sync_timeout_s: float = 5.0             # a sync write waits this long for the secondary, then suspends
     copy_wait_s: float = 20.0               # an async region copy waits this long at the secondary for the apply
     peer_timeout_s: float = 30.0            # relays, fetches, migration requests

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generator
 
-from .bitmap import Bitmap, Change
+from .bitmap import Bitmap, Change, DiffMap
 from .effects import BitmapPut, BitmapSync, Effect
 from .runtime import Runtime, Wait
 
@@ -49,7 +49,7 @@ class Syncer:
 class BitmapFile:
     """A persisted region map (diff, migrated or activity) of one volume."""
 
-    def __init__(self, rt: Runtime, volume: str, kind: str, bits: Bitmap) -> None:
+    def __init__(self, rt: Runtime, volume: str, kind: str, bits: Bitmap | DiffMap) -> None:
         self.rt, self.volume, self.kind, self.bits = rt, volume, kind, bits
         self.version = 0          # bumped by every change
         self.written = 0          # changes up to this version are in the file (page cache)
@@ -63,9 +63,8 @@ class BitmapFile:
         if change is None:
             return False
         self.version += 1
-        end = change.first + len(change.data)
         self._lo = change.first if self._lo is None else min(self._lo, change.first)
-        self._hi = max(self._hi, end)
+        self._hi = max(self._hi, change.stop)
         return True
 
     def persist(self, sync: bool = False) -> Generator[Any, Any, None]:
@@ -80,7 +79,7 @@ class BitmapFile:
             covered, lo, hi = self.version, self._lo or 0, self._hi
             self._lo, self._hi = None, 0
             try:
-                yield BitmapPut(self.volume, self.kind, lo, self.bits.to_bytes()[lo:hi])
+                yield BitmapPut(self.volume, self.kind, lo, self.bits.bytes_at(lo, hi))
                 self.written = max(self.written, covered)
                 self.syncer.wrote()
             except BaseException:

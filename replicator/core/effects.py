@@ -98,8 +98,11 @@ class VolHash(Effect):
 
 @dataclass(slots=True, eq=False)
 class VolCreate(Effect):
+    """A new volume and its bitmaps, durably; the diff bitmap has one bit per ``diff_block_bytes``."""
+
     volume: str
     size: int
+    diff_block_bytes: int
 
 
 @dataclass(slots=True, eq=False)
@@ -116,6 +119,16 @@ class BitmapPut(Effect):
     kind: str          # diff / migrated / activity
     first: int
     data: bytes
+
+
+@dataclass(slots=True, eq=False)
+class BitmapCreate(Effect):
+    """Replace a bitmap file by a clear one with one bit per ``block_bytes`` of ``size`` bytes, durably."""
+
+    volume: str
+    kind: str
+    size: int
+    block_bytes: int
 
 
 @dataclass(slots=True, eq=False)

@@ -401,7 +401,10 @@ class Migrations:
                     core.service(f"thaw-{tm.id}", lambda: self._thaw_source(tm))
                     return False
                 yield Sleep(cfg.poll_s)
-        self._take_over(tm, vols, reply.fields)                       # S806
+        by_source = {m["volume"]: m for m in reply["members"]}
+        for v, member in zip(vols, tm.members):                       # the pair's block size moves with it
+            yield from v.reshape_diff(int(by_source[member.source.volume]["diff_block_bytes"]))
+        self._take_over(tm, vols, reply)                              # S806
         if tm.mode == "async":
             g0 = reply["journal"]
             yield from core.primary._ensure_group(tm.group, int(g0["capacity_bytes"]), int(g0["counter"]),
@@ -422,8 +425,9 @@ class Migrations:
                 core.primary.wake_copier(v)
         return True
 
-    def _take_over(self, tm: TargetMigration, vols: list["Volume"], info: dict[str, Any]) -> None:
+    def _take_over(self, tm: TargetMigration, vols: list["Volume"], reply: wire.Message) -> None:
         """S806: V2 continues V1's pair state, diff bitmap, counter and journal position."""
+        info = reply.fields
         by_source = {m["volume"]: m for m in info["members"]}
         tm.handover_seq = int(info["handover_seq"])
         for v, member in zip(vols, tm.members):
@@ -434,7 +438,8 @@ class Migrations:
             # interrupted one left: nothing of it was committed before the phase changed).
             T.start_over(T.PAIR_STATE, v.info, m["pair_state"])
             v.info.suspend_reason = str(m.get("suspend_reason", ""))
-            v.maps["diff"].note(v.diff.merge(bytes.fromhex(m["diff_bitmap"])))
+            v.maps["diff"].note(v.diff.merge_packed(reply.payloads[int(m["diff_frame"])],
+                                                    int(m["diff_block_bytes"])))
             if v.info.pair_state == T.DUPLEX and v.diff.count():
                 # V1 marked regions after a crash while frozen: they are resynchronised from here
                 T.go(T.PAIR_STATE, v.info, T.SUSPENDED)
@@ -554,14 +559,16 @@ class Migrations:
             yield from v.locks.acquire(everything)
             v.locks.release(everything)
             yield from v.syncer.sync()     # V2 copies and fetches from this image: durable first
-        members, journal = [], {}
+        members, journal, frames = [], {}, []
         sm.handover_seq = 0
         for v in vols:
             yield from v.maps["migrated"].update(v.migrated.clear_all(), sync=True)   # S911, before S906
             members.append({"volume": v.name, "mode": v.info.mode, "group": v.info.group,
                             "transfer": v.info.transfer, "pair_state": v.info.pair_state,
                             "suspend_reason": v.info.suspend_reason, "auto_resume": v.info.auto_resume,
-                            "copy_epoch": v.info.copy_epoch, "diff_bitmap": v.diff.to_bytes().hex()})
+                            "copy_epoch": v.info.copy_epoch, "diff_block_bytes": v.diff.block_bytes,
+                            "diff_frame": len(frames)})
+            frames.append(v.diff.packed())          # 32 MiB of bits for 1 TiB: a frame, compressed
         if vols[0].info.mode == "async":
             g = core.primary.groups[vols[0].info.group]
             while g.pending or g.appending or g.folding:              # every admitted write is numbered
@@ -572,7 +579,7 @@ class Migrations:
                 g.handover_below = sm.handover_seq
             journal = {"counter": g.counter, "capacity_bytes": g.space.capacity, "head": g.space.head}
         yield from core.save()
-        return wire.ok(members=members, handover_seq=sm.handover_seq, journal=journal)
+        return wire.ok(frames, members=members, handover_seq=sm.handover_seq, journal=journal)
 
     def _h_thaw(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """V2 gave up the handover (it never took over): V1 is the primary again, unfrozen."""

@@ -69,6 +69,7 @@ class VolumeInfo:
     copy_source_valid: str = T.SOURCE_1
     consistent: bool = True                # dest: False while a (re)sync is running
     copy_epoch: int = 0                    # raised by each resync; older copy messages are stale
+    diff_block_bytes: int = 0              # diff_bitmap: one bit per this many bytes (0: per region)
     rw_mode: str = T.NORMAL
     migration_source_info: PeerVolume | None = None
     migration_dest_info: PeerVolume | None = None

@@ -27,7 +27,7 @@ from .effects import Call, Effect, HostDone, Log, Reply, SaveMgmt
 from .model import (DestGroupInfo, SourceGroupInfo, SourceMigration, TargetMigration, VolumeInfo,
                     migration_from_dict)
 from .runtime import Runtime, Sleep, Task, Wait
-from .volume import Volume
+from .volume import KINDS, Volume, bitmap_bytes
 
 MGMT_VERSION = 2
 # Kinds only rcopy itself sends: a malformed one of these is a bug, not a bad peer.
@@ -201,7 +201,10 @@ class NodeCore:
         raw = st.mgmt or {}
         for name, d in raw.get("volumes", {}).items():
             info = VolumeInfo.from_dict(d)
-            bits = {k: st.bitmaps.get((name, k)) for k in ("diff", "migrated", "activity")}
+            bits = {k: st.bitmaps.get((name, k)) for k in KINDS}
+            for k, found in bits.items():
+                if found is not None and len(found) != bitmap_bytes(info, k, self.cfg.region_bytes):
+                    st.bitmaps[(name, k)] = bits[k] = None     # not this volume's geometry: damaged
             vol = Volume.make(self.rt, info, self.cfg.region_bytes, bits)
             # What the last incarnation wrote may still be only in the page cache: the first
             # flush of this one must really sync.
@@ -314,11 +317,11 @@ class NodeCore:
             raise UsageError("volume size must be a positive multiple of 512 bytes")
         if name in self.volumes:
             raise StateError(f"volume {self.name}:{name} already exists")
-        info = VolumeInfo(name=name, size=size)
+        info = VolumeInfo(name=name, size=size, diff_block_bytes=self.cfg.diff_block_bytes)
         vol = Volume.make(self.rt, info, self.cfg.region_bytes)
         self.volumes[name] = vol
         try:
-            yield VolCreate(name, size)
+            yield VolCreate(name, size, info.diff_block_bytes)
             for bf in vol.maps.values():
                 bf.note(bf.bits.clear_all())
                 yield from bf.persist(sync=True)

@@ -136,7 +136,7 @@ class PrimarySide:
             # and owns no pair any more: nothing of it is resynchronised from here.
             if info.remote_copy_flag == "source" and not st.clean and (info.mode == "sync" or st.power_lost) \
                     and not self.core.mig.handed_over(v):
-                v.maps["diff"].note(v.diff.merge(v.activity.to_bytes()))
+                v.maps["diff"].note(v.diff.cover(v.activity))
                 yield from v.maps["diff"].persist(sync=True)                 # into diff first, durably
                 self.core.log("warning", f"{v.name}: writes were in flight at the last stop; "
                                          f"resynchronising {v.activity.count()} region(s)")
@@ -327,13 +327,24 @@ class PrimarySide:
         (``after_seq``: async)."""
         if isinstance(data, Zeros):
             data, zero = None, data.length
+        yield from self._pair_write(vol, {"offset": offset, "zero": zero}, [data] if data is not None else [],
+                                    after_seq)
+
+    def send_runs(self, vol: "Volume", parts: list[tuple[int, int, bytes | None]],
+                  after_seq: int = 0) -> Generator[Any, Any, None]:
+        """One region of a copy in one pair.write: its dirty runs (offset, length, data or None
+        for zeros), one payload each (empty for zeros)."""
+        yield from self._pair_write(vol, {"offset": parts[0][0], "extents": [[o, n] for o, n, _ in parts]},
+                                    [b"" if d is None else d for _, _, d in parts], after_seq)
+
+    def _pair_write(self, vol: "Volume", fields: dict[str, Any], payloads: list[Any],
+                    after_seq: int) -> Generator[Any, Any, None]:
         dest = vol.info.copy_dest_info
         assert dest is not None
         timeout = self.core.cfg.copy_wait_s + self.core.cfg.sync_timeout_s if after_seq else self.core.cfg.sync_timeout_s
         yield from self.core.call(dest.node, dest.control, "pair.write", {
-            "volume": dest.volume, "offset": offset, "source": self.core.name, "source_volume": vol.name,
-            "zero": zero, "after_seq": after_seq, "epoch": vol.info.copy_epoch}, [data] if data is not None else [],
-            timeout_s=timeout)
+            "volume": dest.volume, "source": self.core.name, "source_volume": vol.name, "after_seq": after_seq,
+            "epoch": vol.info.copy_epoch, **fields}, payloads, timeout_s=timeout)
 
     # ---------------------------------------------------------------- activity log
     def _activity_enter(self, vol: "Volume", offset: int, length: int) -> Generator[Any, Any, range]:
@@ -521,12 +532,13 @@ class PrimarySide:
                 # one (no later write to this region can exist while we hold its lock).
                 after = self.groups[vol.info.group].stored if vol.info.mode == "async" else 0
                 epoch = vol.info.copy_epoch
-                data = yield VolRead(vol.name, offset, length, sparse=True)
+                runs = vol.diff.runs(region)                 # only its dirty blocks go
+                parts = []
+                for off, n in runs:
+                    data = yield VolRead(vol.name, off, n, sparse=True)
+                    parts.append((off, n, data))
                 try:
-                    if data is None:
-                        yield from self.send_copy(vol, offset, None, zero=length, after_seq=after)
-                    else:
-                        yield from self.send_copy(vol, offset, data, after_seq=after)
+                    yield from self.send_runs(vol, parts, after_seq=after)
                 except RcopyError as exc:
                     vol.locks.release(regions)
                     regions = range(0)
@@ -541,8 +553,8 @@ class PrimarySide:
                 # S1509: the bit goes only once the secondary has the region and what we sent is
                 # durable here too (a power loss must not leave us older than the copy we sent).
                 yield from vol.syncer.sync()
-                yield from vol.maps["diff"].update(vol.diff.clear(region))
-                vol.copied_bytes += length
+                yield from vol.maps["diff"].update(vol.diff.clear_ranges(runs))   # what was sent, no more
+                vol.copied_bytes += sum(n for _, n in runs)
             finally:
                 vol.locks.release(regions)
 
@@ -626,6 +638,10 @@ class PrimarySide:
         if info.rw_mode != T.NORMAL or info.migration:
             raise StateError(f"{core.name}:{vol.name} is being migrated")
         journal_bytes = int(msg.get("journal_bytes") or core.cfg.journal_bytes_default)
+        diff_block = int(msg.get("diff_block_bytes") or core.cfg.diff_block_bytes)
+        if diff_block < 512 or core.cfg.region_bytes % diff_block:
+            raise UsageError(f"the diff block must be at least 512 bytes and divide the region "
+                             f"({core.cfg.region_bytes} bytes), not {diff_block}")
         next_seq = 0
         if mode == "async":
             for m in core.members(group):
@@ -638,6 +654,7 @@ class PrimarySide:
             next_seq = g.counter
         elif any(m.info.mode == "async" for m in core.members(group)):
             raise UsageError(f"group {group} is an async consistency group")
+        yield from vol.reshape_diff(diff_block)         # still simplex: its diff bits are unused
         yield from core.call(secondary.node, secondary.control, "pair.join", {
             "volume": secondary.volume, "source": vars(core_peer(core, vol.name)), "size": info.size,
             "mode": mode, "group": group, "transfer": transfer, "next_seq": next_seq,

@@ -271,11 +271,9 @@ class SecondarySide:
             raise StateError(f"{core.name}:{vol.name} is not a remote-copy secondary")
         source = str(msg["source"])
         self.accept_source(vol, source, str(msg.get("source_volume", "")))
-        offset, zero = int(msg["offset"]), int(msg.get("zero", 0))
-        if not zero and not msg.payloads:
-            raise ProtocolError("pair.write without data")
-        length = zero or len(msg.payloads[0])
-        vol.check(offset, length)
+        parts = self._write_parts(vol, msg)
+        offset = parts[0][0]
+        length = parts[-1][0] + parts[-1][1] - offset
         epoch = int(msg.get("epoch", 0))
         self._check_epoch(vol, epoch, source)
         after_seq = int(msg.get("after_seq", 0))
@@ -292,17 +290,44 @@ class SecondarySide:
         regions = vol.regions(offset, length)
         yield from vol.locks.acquire(regions)
         try:
-            if dg is not None:   # a copy holds the primary's bytes after entry after_seq, and more
-                dg.changes.note(core.rt.now, vol.name, offset, length, after_seq + 1)
-            if zero:
-                yield VolZero(vol.name, offset, zero)
-            else:
-                yield VolWrite(vol.name, offset, msg.payloads[0])
-            vol.syncer.wrote()
+            for off, n, data in parts:
+                if dg is not None:   # a copy holds the primary's bytes after entry after_seq, and more
+                    dg.changes.note(core.rt.now, vol.name, off, n, after_seq + 1)
+                if data is None:
+                    yield VolZero(vol.name, off, n)
+                else:
+                    yield VolWrite(vol.name, off, data)
+                vol.syncer.wrote()
         finally:
             vol.locks.release(regions)
         yield from vol.syncer.sync()                  # durable before it is acknowledged
         return wire.ok()
+
+    @staticmethod
+    def _write_parts(vol: "Volume", msg: wire.Message) -> list[tuple[int, int, Any]]:
+        """(offset, length, data or None for zeros) of a pair.write: one range (``offset`` with a
+        payload, or ``zero`` bytes), or a copy's dirty runs (``extents``, one payload each, empty
+        for zeros) in ascending order within one region."""
+        if "extents" not in msg.fields:
+            offset, zero = int(msg["offset"]), int(msg.get("zero", 0))
+            if not zero and not msg.payloads:
+                raise ProtocolError("pair.write without data")
+            parts = [(offset, zero, None) if zero else (offset, len(msg.payloads[0]), msg.payloads[0])]
+        else:
+            extents = msg["extents"]
+            if not extents or len(extents) != len(msg.payloads):
+                raise ProtocolError(f"pair.write with {len(extents)} extents and {len(msg.payloads)} payloads")
+            parts = []
+            for (off, n), data in zip(extents, msg.payloads):
+                off, n = int(off), int(n)
+                if n <= 0 or len(data) not in (0, n) or (parts and off < parts[-1][0] + parts[-1][1]):
+                    raise ProtocolError(f"pair.write extent ({off}, {n}) with {len(data)} bytes out of order or size")
+                parts.append((off, n, data if len(data) else None))
+            if len(vol.regions(parts[0][0], parts[-1][0] + parts[-1][1] - parts[0][0])) > 1:
+                raise ProtocolError("pair.write extents span more than one region")
+        for off, n, _ in parts:
+            vol.check(off, n)
+        return parts
 
     def _check_epoch(self, vol: "Volume", epoch: int, source: str) -> None:
         if epoch < vol.info.copy_epoch:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Generator
 
 from ..errors import IOErrorRange
-from .bitmap import Bitmap
+from .bitmap import Bitmap, DiffMap
 from .durable import BitmapFile, Syncer
-from .effects import VolSync
+from .effects import BitmapCreate, VolSync
 from .model import VolumeInfo
 from .runtime import Runtime, Wait
 
@@ -65,6 +65,12 @@ class RegionLocks:
         self.queue = keep
 
 
+def bitmap_bytes(info: VolumeInfo, kind: str, region_bytes: int) -> int:
+    """How many bytes of bits a bitmap of this kind has for this volume."""
+    unit = (info.diff_block_bytes or region_bytes) if kind == "diff" else region_bytes
+    return (max(1, -(-info.size // unit)) + 7) // 8
+
+
 @dataclass(eq=False)
 class Volume:
     """Everything the core knows about one volume."""
@@ -85,8 +91,13 @@ class Volume:
     @classmethod
     def make(cls, rt: Runtime, info: VolumeInfo, region_bytes: int,
              raw: dict[str, bytes | None] | None = None) -> "Volume":
-        maps = {k: BitmapFile(rt, info.name, k, Bitmap(info.size, region_bytes, (raw or {}).get(k)))
-                for k in KINDS}
+        """``info.diff_block_bytes`` says the diff_bitmap's block (0, a record from before fine
+        tracking: one bit per region, as its file still is)."""
+        raw = raw or {}
+        block = info.diff_block_bytes or region_bytes
+        maps = {k: BitmapFile(rt, info.name, k, Bitmap(info.size, region_bytes, raw.get(k)))
+                for k in KINDS if k != "diff"}
+        maps["diff"] = BitmapFile(rt, info.name, "diff", DiffMap(info.size, region_bytes, block, raw.get("diff")))
         return cls(info, maps, RegionLocks(rt, info.name),
                    Syncer(rt, ("vol-sync", info.name), lambda: VolSync(info.name)))
 
@@ -95,7 +106,7 @@ class Volume:
         return self.info.name
 
     @property
-    def diff(self) -> Bitmap:
+    def diff(self) -> DiffMap:
         return self.maps["diff"].bits
 
     @property
@@ -105,6 +116,21 @@ class Volume:
     @property
     def activity(self) -> Bitmap:
         return self.maps["activity"].bits
+
+    def reshape_diff(self, block_bytes: int) -> Generator[Any, Any, None]:
+        """Give diff_bitmap blocks of ``block_bytes`` (pair create; V2 taking over V1's pair): a
+        new file of that geometry, marking every range the old bits marked. The caller saves
+        the management information; a restart before that finds a file that does not match
+        the block size it names: damaged, so every block is marked."""
+        old = self.maps["diff"]
+        if block_bytes == old.bits.block_bytes:
+            return
+        bits = DiffMap(self.info.size, old.bits.region_bytes, block_bytes)
+        change = bits.cover(old.bits)
+        yield BitmapCreate(self.name, "diff", self.info.size, block_bytes)
+        self.maps["diff"] = BitmapFile(old.rt, self.name, "diff", bits)
+        self.info.diff_block_bytes = block_bytes
+        yield from self.maps["diff"].update(change, sync=True)
 
     def check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.info.size:

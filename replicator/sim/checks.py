@@ -363,9 +363,8 @@ class Checker:
             return
         self._last["sync"] = inputs
         ids = self.ids(f)
-        per_region = pv.diff.region_bytes // BLOCK
         for blk, wid in enumerate(ids):
-            if pv.diff.bits[blk // per_region]:
+            if pv.diff.any_set(blk * BLOCK, BLOCK):
                 continue
             hist = h.hist[blk]
             if hist.floor < 0:

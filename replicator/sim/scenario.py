@@ -37,7 +37,7 @@ FAULTS = ("none", "kill", "power", "pause", "cut", "slow")
 # of V1's node (SPEC 1.7), then the old volume is removed
 EXTRA_PROCEDURES = ("verify", "migrate-local")
 
-SIM_CONFIG = Config(region_bytes=REGION_BYTES, sync_timeout_s=0.4, copy_wait_s=1.0, peer_timeout_s=1.5,
+SIM_CONFIG = Config(region_bytes=REGION_BYTES, diff_block_bytes=REGION_BYTES // 4, sync_timeout_s=0.4, copy_wait_s=1.0, peer_timeout_s=1.5,
                     control_timeout_s=1.0, heartbeat_s=0.1, link_retry_s=0.02, pull_idle_s=0.05,
                     push_batch_bytes=16 * 1024,
                     push_batch_entries=16, discard_every_s=0.02, journal_bytes_default=96 * 1024,

@@ -287,9 +287,9 @@ class World:
         elif isinstance(eff, E.VolCreate):
             disk.volumes[eff.volume] = SimFile(eff.size)
             disk.volumes[eff.volume].fsync()
-            nbytes = -(-(-(-eff.size // self.cfg.region_bytes)) // 8)
             for kind in ("diff", "migrated", "activity"):
-                disk.bitmaps[(eff.volume, kind)] = SimFile(nbytes)
+                block = eff.diff_block_bytes if kind == "diff" else self.cfg.region_bytes
+                disk.bitmaps[(eff.volume, kind)] = SimFile(-(-(-(-eff.size // block)) // 8))
         elif isinstance(eff, E.VolDelete):
             disk.volumes.pop(eff.volume, None)
             for kind in ("diff", "migrated", "activity"):
@@ -307,6 +307,8 @@ class World:
             disk.bitmaps[(eff.volume, eff.kind)].write(eff.first, eff.data)
         elif isinstance(eff, E.BitmapSync):
             disk.bitmaps[(eff.volume, eff.kind)].fsync()
+        elif isinstance(eff, E.BitmapCreate):
+            disk.bitmaps[(eff.volume, eff.kind)] = SimFile(-(-(-(-eff.size // eff.block_bytes)) // 8))
         elif isinstance(eff, E.JournalCreate):
             j = SimJournal(eff.capacity_bytes)
             j.continue_at(eff.counter, eff.head)

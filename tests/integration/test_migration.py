@@ -245,9 +245,33 @@ def test_migrating_a_suspended_pair_keeps_its_bitmap(started):
     h.shutdown()
     t.migrate("site-a1:v1", "site-a2:v2")
     p = t.find_pair("site-a2:v2")
-    assert p["state"] == "suspended" and p["dirty_bytes"] == MiB  # invariant 20: no lost bits
+    assert p["state"] == "suspended" and p["dirty_bytes"] == 4096  # invariant 20: no lost bits
     t.pair_command("resume", "site-a2:v2")
     t.wait_duplex("site-a2:v2", 60)
+    assert t.verify("site-a2:v2", "site-b:v3", timeout_s=60)["identical"]
+
+
+def test_v2_takes_over_the_pairs_diff_block_size(started):
+    """V1's pair tracks 64 KiB blocks, V2 was created with the default 4 KiB: at the handover
+    V2 takes the pair's block size with its bits, and the resync sends that one block."""
+    t = started
+    size = 16 * MiB
+    for spec in ("site-a1:v1", "site-a2:v2", "site-b:v3"):
+        t.volume_create(spec, size)
+    t.pair_create("site-a1:v1", "site-b:v3", mode="sync", diff_block_bytes=64 * 1024)
+    t.wait_duplex("site-a1:v1", 60)
+    t.pair_command("suspend", "site-a1:v1")
+    h = nbd_handle(t, "site-a1:v1")
+    h.pwrite(os.urandom(BLOCK), 5 * MiB + 64 * 1024)
+    h.shutdown()
+    assert t.find_pair("site-a1:v1")["dirty_bytes"] == 64 * 1024
+    t.migrate("site-a1:v1", "site-a2:v2")
+    p = t.find_pair("site-a2:v2")
+    assert p["state"] == "suspended" and p["dirty_bytes"] == 64 * 1024
+    before = p["copied_bytes"]
+    t.pair_command("resume", "site-a2:v2")
+    t.wait_duplex("site-a2:v2", 60)
+    assert t.find_pair("site-a2:v2")["copied_bytes"] - before == 64 * 1024
     assert t.verify("site-a2:v2", "site-b:v3", timeout_s=60)["identical"]
 
 

@@ -165,7 +165,7 @@ def test_secondary_down_suspends_then_resumes_with_resync(started):
     h.pwrite(b"a" * 4096, 0)          # waits for the sync timeout, then the pair suspends
     h.pwrite(b"b" * 4096, 5 * MiB)    # suspended: tracked in the bitmap, acknowledged at once
     p = t.find_pair("site-a1:v1")
-    assert p["state"] == "suspended" and p["dirty_bytes"] == 2 * MiB
+    assert p["state"] == "suspended" and p["dirty_bytes"] == 2 * 4096    # two 4 KiB blocks
     t.node_start("site-b")
     t.wait_duplex("site-a1:v1", 60)   # auto-resume: differential resync
     assert t.verify("site-a1:v1", "site-b:v3")["identical"]

@@ -6,16 +6,17 @@ from typing import Any
 
 from replicator import wire
 from replicator.core import effects as E
+from replicator.core.config import Config
 from replicator.core.node import Boot, BootState, Completed, HostIo, Incoming, NodeCore
 from replicator.sim.scenario import SIM_CONFIG
 from replicator.sim.world import Daemon, World
 
 
 class Harness:
-    def __init__(self, name: str = "site-a1", boot: BootState | None = None) -> None:
-        self.world = World(1, SIM_CONFIG)
+    def __init__(self, name: str = "site-a1", boot: BootState | None = None, cfg: Config = SIM_CONFIG) -> None:
+        self.world = World(1, cfg)
         self.daemon = Daemon(self.world, name, "node")
-        self.core = NodeCore(name, name, SIM_CONFIG)
+        self.core = NodeCore(name, name, cfg)
         self.daemon.core = self.core
         self.now = 0.0
         self.calls: list[E.Call] = []
@@ -85,6 +86,12 @@ class Harness:
             self.now = max(self.now, t.at)
             self.feed(Completed(t.op, None))
         self.now = end
+
+    def durable_boot(self, incarnation: str) -> BootState:
+        """What a restart after a power loss finds: the durable bytes of every file."""
+        disk = self.daemon.disk
+        return BootState(mgmt=disk.mgmt, bitmaps={k: bytes(f.durable) for k, f in disk.bitmaps.items()},
+                         clean=False, power_lost=True, incarnation=incarnation)
 
     def volume_file(self, volume: str) -> bytes:
         return bytes(self.daemon.disk.volumes[volume].current)

@@ -13,6 +13,7 @@ import pytest
 from replicator import wire
 from replicator.core import effects as E
 from replicator.core import tables as T
+from replicator.core.bitmap import DiffMap
 from replicator.core.journal_space import RECORD_HEADER_BYTES
 from replicator.core.migration import source_key
 from replicator.errors import IntegrityError, NodeUnreachable, StateError
@@ -284,16 +285,19 @@ def test_defect7_lag_samples_stay_bounded() -> None:
 
 
 # ================================================================== defect 8: dual write
-def migrating_target() -> Harness:
+def migrating_target(v1_diff: DiffMap | None = None) -> Harness:
+    """V2 after a handover from a duplex sync V1 whose diff bitmap is ``v1_diff`` (clear)."""
     h = Harness("site-a2")
     h.ok("volume.create", name="v2", size=SIZE)
     h.ok("mig.prepare_target", id="m", group="v1", dual_write=True,
          members=[{"target": "v2", "size": SIZE, "source": A1, "secondary": B}])
     h.ok("mig.start", id="m")
     handover = h.pending("mig.handover")[0]
-    h.answer(handover, wire.ok(handover_seq=0, journal={}, members=[{
+    diff = v1_diff or h.core.volumes["v2"].diff
+    h.answer(handover, wire.ok([diff.packed()], handover_seq=0, journal={}, members=[{
         "volume": "v1", "mode": "sync", "group": "v1", "transfer": "push", "pair_state": "duplex",
-        "suspend_reason": "", "auto_resume": True, "copy_epoch": 0, "diff_bitmap": "00"}]))
+        "suspend_reason": "", "auto_resume": True, "copy_epoch": 0,
+        "diff_block_bytes": diff.block_bytes, "diff_frame": 0}]))
     for c in h.pending("mig.set_valid"):
         h.answer(c, wire.ok())
     assert h.core.volumes["v2"].info.rw_mode == T.MIGRATING
@@ -332,7 +336,7 @@ def test_defect2_a_damaged_migrated_bitmap_stops_the_migration_instead_of_guessi
     from replicator.core.node import BootState
     h = migrating_target()
     record = h.core.record()
-    st = BootState(mgmt=record, bitmaps={("v2", "diff"): bytes(1), ("v2", "migrated"): None,
+    st = BootState(mgmt=record, bitmaps={("v2", "diff"): h.core.volumes["v2"].diff.to_bytes(), ("v2", "migrated"): None,
                                          ("v2", "activity"): bytes(1)}, incarnation="a2#2")
     again = Harness("site-a2", boot=st)
     tm = again.core.migrations["m"]

@@ -141,7 +141,8 @@ def test_the_simulator_finds_a_fold_that_leaves_v1s_backlog_in_v1s_bitmap(monkey
     resynchronises any more) instead of V2's."""
     from replicator.core import source_group
     monkeypatch.setattr(source_group.SourceGroup, "tracker", lambda self, vname: self.core.volumes.get(vname))
-    assert _first_failing_seed(range(0, 1000), procedures=("migrate-local",)) is not None
+    # rare: a fold must meet V1's unsent backlog (seed 1023 on the commit that added 4 KiB tracking)
+    assert _first_failing_seed(range(0, 1500), procedures=("migrate-local",)) is not None
 
 
 def test_the_simulator_finds_a_secondary_that_ignores_a_trim(monkeypatch: pytest.MonkeyPatch) -> None:

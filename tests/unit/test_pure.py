@@ -50,7 +50,7 @@ def test_bitmap_ranges_and_changes():
     assert m.set_range(1 << 20, 1) is not None
     assert m.set_range((1 << 20) + 5, 10) is None           # nothing changed: nothing to persist
     change = m.set_range((3 << 20) - 1, 2)                  # spans regions 2 and 3
-    assert change is not None and change.first == 0 and change.data == m.to_bytes()[:1]
+    assert change is not None and (change.first, change.stop) == (0, 1) and m.bytes_at(0, 1) == m.to_bytes()[:1]
     assert list(m.iter_set()) == [1, 2, 3]
     assert m.any_set(2 << 20, 4096) and not m.any_set(5 << 20, 4096)
     m.clear(2)

@@ -60,10 +60,11 @@ def test_a_full_journal_folds_into_the_bitmap_and_the_host_never_fails() -> None
     v = h.core.volumes["v1"]
     assert v.info.pair_state == T.SUSPENDED and v.info.suspend_reason == "journal full"
     assert v.diff.any_set(0, 6 * 512)
-    i_bits = max(i for i, e in enumerate(h.trace) if isinstance(e, E.BitmapSync) and e.kind == "diff")
     i_drop = max(i for i, e in enumerate(h.trace) if isinstance(e, E.JournalDiscard))
     i_save = max(i for i, e in enumerate(h.trace[:i_drop]) if isinstance(e, E.SaveMgmt))
-    assert i_bits < i_save < i_drop        # bits, then "suspended", durably, before any entry goes
+    i_append = max(i for i, e in enumerate(h.trace[:i_drop]) if isinstance(e, E.JournalAppend))
+    i_bits = max(i for i, e in enumerate(h.trace[:i_save]) if isinstance(e, E.BitmapSync) and e.kind == "diff")
+    assert i_append < i_bits < i_save < i_drop   # bits, then "suspended", durably, before any entry goes
 
 
 def test_back_pressure_slows_host_writes_past_the_high_water_mark_but_not_while_the_link_is_down() -> None:
