@@ -51,6 +51,8 @@ class Migrations:
         self.rate_bytes_s = 0.0
         self.waiting_for: dict[str, str] = {}    # migration id -> what it waits for
         self.saved_stage: dict[str, str] = {}    # source migration id -> its stage as last made durable
+        self.moved: dict[str, list[int]] = {}    # at V1, migration id -> [bytes sent with data, bytes zeroed]
+        self.moved_seen: dict[str, tuple[int, int]] = {}   # at V2: what V1 last reported of it
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -478,6 +480,7 @@ class Migrations:
                 # V1's copy rate, also from the poll that finds it complete: a copy that ends
                 # between two polls showed 0 MiB/s (the bench's migration without keys)
                 self.rate_bytes_s = float(reply.get("rate_bytes_s", 0.0)) or self.rate_bytes_s
+                self.moved_seen[tm.id] = (int(reply.get("copied_bytes", 0)), int(reply.get("zeroed_bytes", 0)))
                 if all(s.get(flag) for s in reply["volumes"]):
                     return
                 self.waiting_for[tm.id] = f"{src.node}: not yet {flag}"
@@ -662,10 +665,13 @@ class Migrations:
                     run = range(region, region + 1)
                     try:
                         n = yield from self._push_holes(v, target, region, taken)
+                        moved = self.moved.setdefault(sm.id, [0, 0])
                         if n:
                             run = range(region, region + n)
+                            moved[1] += sum(v.migrated.extent(r)[1] for r in run)
                         else:
-                            yield from self._push_region(v, target, region)
+                            sent = yield from self._push_region(v, target, region)
+                            moved[0 if sent else 1] += sent or v.migrated.extent(region)[1]
                         yield from v.maps["migrated"].update(v.migrated.set_regions(run))   # S915
                         state["copied"] += sum(v.migrated.extent(r)[1] for r in run)
                         elapsed = max(core.rt.now - state["start"], 1e-6)
@@ -717,8 +723,8 @@ class Migrations:
         finally:                                 # the caller releases what it returns
             taken.difference_update(range(region + max(n, 1), region + run))
 
-    def _push_region(self, v: "Volume", target: PeerVolume, region: int) -> Generator[Any, Any, None]:
-        """Send one region to V2, retrying while it does not answer."""
+    def _push_region(self, v: "Volume", target: PeerVolume, region: int) -> Generator[Any, Any, int]:
+        """Send one region to V2, retrying while it does not answer; the data bytes sent (0: zeros)."""
         while True:
             offset, length = v.migrated.extent(region)
             data = yield VolRead(v.name, offset, length, sparse=True)
@@ -726,7 +732,7 @@ class Migrations:
                 yield from self.core.call(target.node, target.control, "mig.region", {
                     "volume": target.volume, "region": region, "zero": length if data is None else 0},
                     [data] if data is not None else [], timeout_s=self.core.cfg.peer_timeout_s)
-                return
+                return len(data) if data is not None else 0
             except RcopyError as exc:
                 self.core.log("warning", f"background copy to {target.node} paused: {exc}")
                 yield Sleep(1.0)
@@ -742,6 +748,9 @@ class Migrations:
             raise StateError(f"{self.core.name}:{v.name} has not handed over; nothing to fetch yet")
         offset, length = v.migrated.extent(region)
         data = yield VolRead(v.name, offset, length, sparse=True)
+        sm = self.source_of(v)
+        if sm is not None:
+            self.moved.setdefault(sm.id, [0, 0])[0 if data is not None else 1] += length
         return wire.ok([data] if data is not None else [], zero=length if data is None else 0)
 
     def _h_region(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
@@ -813,10 +822,11 @@ class Migrations:
         return wire.ok()
 
     def _h_source_status(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
-        out = []
+        out, ids = [], set()
         for name in msg["volumes"]:
             v = self.core.volume(name)
             sm = self.source_of(v)
+            ids.add(sm.id if sm else "")
             stage = sm.stage if sm else ""
             # drained and complete only once durable: V2 acts on them (V3 stops taking V1), and a
             # V1 that restarted in handed_over could never learn again that V3 has its backlog
@@ -824,7 +834,9 @@ class Migrations:
             saved = self.saved_stage.get(sm.id, "") if sm else ""
             out.append({"volume": name, "stage": stage, "drained": saved in (T.DRAINED, T.COMPLETE),
                         "complete": saved == T.COMPLETE, "migrated_fraction": v.migrated.fraction_set()})
-        return wire.ok(volumes=out, rate_bytes_s=self.rate_bytes_s)
+        moved = [self.moved.get(i, [0, 0]) for i in ids]
+        return wire.ok(volumes=out, rate_bytes_s=self.rate_bytes_s, copied_bytes=sum(m[0] for m in moved),
+                       zeroed_bytes=sum(m[1] for m in moved))
         yield
 
     # ================================================================== 2_3 side (S807, S817, S1601)
@@ -977,6 +989,10 @@ class Migrations:
                         "migrated_fraction": 1.0 if tm.phase == T.DONE else round(frac, 4),
                         "held_ms_max": round(tm.held_ms_max, 1), "handover_ms": round(tm.handover_ms, 1),
                         "rate_bytes_s": self.rate_bytes_s, "error": tm.error or None,
+                        # what V1 sent: data (copied and fetched) and ranges it sent as zeros, not kept
+                        # across restarts
+                        "copied_bytes": self.moved_seen.get(tm.id, (0, 0))[0],
+                        "zeroed_bytes": self.moved_seen.get(tm.id, (0, 0))[1],
                         "waiting_for": self.waiting_for.get(tm.id), "group": tm.group,
                         "dual_write_lost": tm.dual_write_lost or None})
         return out
