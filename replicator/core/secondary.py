@@ -26,7 +26,7 @@ from . import tables as T
 from .applier import OrderedApplier
 from .effects import SaveApplied, VolWrite, VolZero, Zeros, put
 from .journal_space import ZERO_RECORD_DATA_BYTES
-from .payload import entry_data
+from .payload import entry_data, write_data
 from .model import DestGroupInfo, PeerVolume
 from .runtime import Sleep, Wait
 from .verify import ChangeLog
@@ -309,10 +309,8 @@ class SecondarySide:
         payload, or ``zero`` bytes), or a copy's dirty runs (``extents``, one payload each, empty
         for zeros) in ascending order within one region."""
         if "extents" not in msg.fields:
-            offset, zero = int(msg["offset"]), int(msg.get("zero", 0))
-            if not zero and not msg.payloads:
-                raise ProtocolError("pair.write without data")
-            parts = [(offset, zero, None) if zero else (offset, len(msg.payloads[0]), msg.payloads[0])]
+            offset, data = int(msg["offset"]), write_data(msg.fields, msg.payloads, "pair.write")
+            parts = [(offset, len(data), None if isinstance(data, Zeros) else data)]
         else:
             extents = msg["extents"]
             if not extents or len(extents) != len(msg.payloads):
