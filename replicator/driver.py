@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from .core import effects as E
 from .core.node import Completed, Incoming
+from . import threads
 from .errors import RcopyError
 from .transport import AsyncClient, Server
 
@@ -71,8 +72,8 @@ class Driver:
         """The client, the worker pool and the timer thread."""
         self.client.start()
         for i in range(self._workers):
-            self._spawn(self._worker, f"{self.name}-worker-{i}")
-        self._spawn(self._timer_loop, f"{self.name}-timers")
+            self._spawn(self._worker, f"worker-{i}")
+        self._spawn(self._timer_loop, "timers")
 
     def serve(self, control: str) -> None:
         """Take requests on ``control`` from now on."""
@@ -92,9 +93,7 @@ class Driver:
             t.join(timeout=3)
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._threads.append(threads.start(target, name))
 
     # ------------------------------------------------------------------ events
     def feed(self, event: Any) -> None:

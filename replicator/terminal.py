@@ -5,6 +5,7 @@ over ZeroMQ and starts or stops their processes. The CLI is a thin layer on it.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +19,7 @@ from .errors import NodeUnreachable, NotFound, RcopyError, StateError, UsageErro
 from .transport import ClientPool
 
 STATUS_TIMEOUT_S = 2.0
-NBDKIT_THREADS = 8
+NBDKIT_THREADS = int(os.environ.get("RCOPY_NBDKIT_THREADS", "8"))
 
 
 class Terminal:

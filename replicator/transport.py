@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
-from . import wire
+from . import threads, wire
 from .errors import NodeUnreachable, ProtocolError, RcopyError
 
 if TYPE_CHECKING:
@@ -98,8 +98,7 @@ class Server:
             self._auth = ThreadAuthenticator(context())
             self._auth.start()
             self._auth.configure_curve(domain="*", location=str(self.keys.authorized))
-        self._thread = threading.Thread(target=self._loop, name="rcopy-server", daemon=True)
-        self._thread.start()
+        self._thread = threads.start(self._loop, "rcopy-server")
         self._ready.wait(10)
         if self._error:
             raise self._error
@@ -191,8 +190,7 @@ class AsyncClient:
         self._started = threading.Event()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="rcopy-client", daemon=True)
-        self._thread.start()
+        self._thread = threads.start(self._loop, "rcopy-client")
         self._started.wait(10)
 
     def stop(self) -> None:
@@ -377,13 +375,12 @@ class HandlerServer:
         self.handler = handler
         self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.server = Server(endpoint, lambda req, msg: self._jobs.put((req, msg)), keys)
-        self._threads = [threading.Thread(target=self._work, name=f"rcopy-handler-{i}", daemon=True)
-                         for i in range(workers)]
+        self._workers = workers
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         self.server.start()
-        for t in self._threads:
-            t.start()
+        self._threads = [threads.start(self._work, f"rcopy-handler-{i}") for i in range(self._workers)]
 
     def stop(self) -> None:
         for _ in self._threads:
