@@ -15,10 +15,12 @@ import logging
 import queue
 import threading
 import time
+from _thread import allocate_lock as _allocate_lock
 from typing import Any, Callable
 
 from .core import effects as E
 from .core.node import Completed, Incoming
+from .core.runtime import DECLINED
 from . import threads
 from .errors import RcopyError
 from .transport import AsyncClient, Server
@@ -27,28 +29,44 @@ log = logging.getLogger("rcopy.driver")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR, "bug": logging.ERROR}
 HOST_WAIT_S = 900.0          # the core answers every host request long before this
+IMMEDIATE_BYTES_MAX = 256 * 1024   # larger writes go out of the lock (copying them takes a while)
 
 
 class HostRequest:
-    """A host request waiting for the core's HostDone."""
+    """A host request waiting for the core's HostDone.
 
-    __slots__ = ("_event", "data", "error")
+    Most requests are answered while the thread that fed them still runs the core's effects,
+    so the latch (a plain lock, cheaper than an Event) is only waited on when it is not."""
+
+    __slots__ = ("_latch", "answered", "data", "error")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._latch = _allocate_lock()
+        self._latch.acquire()
+        self.answered = False
         self.data: bytes | None = None
         self.error: BaseException | None = None
 
     def done(self, data: bytes | None, error: BaseException | None) -> None:
         self.data, self.error = data, error
-        self._event.set()
+        self.answered = True
+        self._latch.release()
 
     def wait(self) -> bytes | None:
-        if not self._event.wait(HOST_WAIT_S):
+        if not self.answered and not self._latch.acquire(timeout=HOST_WAIT_S):
             raise RcopyError(f"request not answered within {HOST_WAIT_S:g} s")
         if self.error is not None:
             raise self.error
         return self.data
+
+
+class _Carry:
+    """A job for a worker: an effect to carry out (then its result is fed back)."""
+
+    __slots__ = ("effect",)
+
+    def __init__(self, effect: Any) -> None:
+        self.effect = effect
 
 
 class Driver:
@@ -66,6 +84,8 @@ class Driver:
         self._threads: list[threading.Thread] = []
         self._workers = workers
         self._stop = threading.Event()
+        if storage is not None and hasattr(core, "rt"):
+            core.rt.immediate = self._immediate
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -77,7 +97,7 @@ class Driver:
 
     def serve(self, control: str) -> None:
         """Take requests on ``control`` from now on."""
-        self.server = Server(control, lambda req, msg: self.jobs.put(Incoming(req, msg)), keys=self.keys)
+        self.server = Server(control, lambda req, msg: self.feed_light(Incoming(req, msg)), keys=self.keys)
         self.server.start()
 
     def stop(self) -> None:
@@ -96,17 +116,42 @@ class Driver:
         self._threads.append(threads.start(target, name))
 
     # ------------------------------------------------------------------ events
-    def feed(self, event: Any) -> None:
-        """Hand ``event`` to the core and carry out everything that follows from it."""
+    def feed(self, event: Any, req: HostRequest | None = None) -> None:
+        """Hand ``event`` to the core and carry out everything that follows from it. A host's
+        thread (``req``) stops once its request is answered: what other tasks still want done
+        (a journal sync before a push, say) goes to the workers, off the host's path."""
         todo = [event]
         while todo:
             ev = todo.pop()
             with self.lock:
                 effects = self.core.handle(ev, time.monotonic())
-            for eff in reversed(effects):
+            for i, eff in enumerate(effects):
+                if req is not None and req.answered:
+                    for rest in effects[i:]:
+                        self._hand_off(rest)
+                    for done in todo:
+                        self.jobs.put(done)
+                    return
                 done = self._carry_out(eff)
                 if done is not None:
                     todo.append(done)
+
+    def feed_light(self, event: Any) -> None:
+        """Feed ``event`` from an I/O thread (a reply from the client, a request at the server):
+        the core's step and its messages, timers and host answers run here, storage I/O that is
+        not immediate goes to a worker. One thread hand-off fewer for a reply that completes a
+        host write or a request answered from memory (a journal push)."""
+        with self.lock:
+            effects = self.core.handle(event, time.monotonic())
+        for eff in effects:
+            self._hand_off(eff)
+
+    def _hand_off(self, eff: Any) -> None:
+        """Carry out a message, timer or log now; leave storage I/O to a worker."""
+        if isinstance(eff, (E.Call, E.SetTimer, E.Reply, E.HostDone, E.Log)):
+            self._carry_out(eff)
+        else:
+            self.jobs.put(_Carry(eff))
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (a read of the core's state) under the lock."""
@@ -114,10 +159,34 @@ class Driver:
             self.core.rt.now = time.monotonic()
             return fn()
 
+    def _immediate(self, eff: Any) -> Any:
+        """Carry out a small write to the page cache at once, under the lock (runtime.immediate)."""
+        kind = type(eff)
+        if kind is E.VolWrite:
+            if len(eff.data) > IMMEDIATE_BYTES_MAX:
+                return DECLINED
+        elif kind is E.JournalAppend:
+            if sum(len(e.data) for e in eff.entries) > IMMEDIATE_BYTES_MAX:
+                return DECLINED
+        elif kind is not E.BitmapPut:
+            return DECLINED
+        return self._store(eff)
+
+    def _store(self, eff: Any) -> Any:
+        """A storage effect's result, or the error the task gets."""
+        try:
+            return self.storage(eff)
+        except RcopyError as exc:
+            log.error("%s failed: %s", type(eff).__name__, exc)
+            return exc
+        except Exception as exc:  # noqa: BLE001 - an I/O failure is the task's error, not the node's
+            log.exception("%s failed", type(eff).__name__)
+            return RcopyError(f"{type(eff).__name__} failed: {exc}")
+
     def _carry_out(self, eff: Any) -> Completed | None:
         if isinstance(eff, E.Call):
             self.client.request(eff.endpoint, eff.msg, eff.timeout_s,
-                                lambda result, op=eff.op: self.jobs.put(Completed(op, result)))
+                                lambda result, op=eff.op: self.feed_light(Completed(op, result)))
         elif isinstance(eff, E.SetTimer):
             with self._timer_cond:
                 heapq.heappush(self._timers, (eff.at, eff.op))
@@ -130,15 +199,7 @@ class Driver:
         elif isinstance(eff, E.Log):
             log.log(LEVELS.get(eff.level, logging.INFO), "%s", eff.text)
         else:
-            try:
-                result = self.storage(eff) if self.storage is not None else None
-            except RcopyError as exc:
-                log.error("%s failed: %s", type(eff).__name__, exc)
-                result = exc
-            except Exception as exc:  # noqa: BLE001 - an I/O failure is the task's error, not the node's
-                log.exception("%s failed", type(eff).__name__)
-                result = RcopyError(f"{type(eff).__name__} failed: {exc}")
-            return Completed(eff.op, result)
+            return Completed(eff.op, self._store(eff) if self.storage is not None else None)
         return None
 
     def _worker(self) -> None:
@@ -147,6 +208,10 @@ class Driver:
             if job is None:
                 return
             try:
+                if type(job) is _Carry:
+                    job = self._carry_out(job.effect)
+                    if job is None:
+                        continue
                 self.feed(job)
             except Exception:  # noqa: BLE001 - a worker never dies
                 log.exception("event %s failed", type(job).__name__)

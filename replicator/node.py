@@ -62,7 +62,7 @@ class Node:
     def _host(self, op: str, volume: str, offset: int = 0, length: int = 0, data: Any = None,
               fua: bool = False) -> bytes | None:
         req = HostRequest()
-        self.driver.feed(HostIo(req, op, volume, offset, length, data, fua))
+        self.driver.feed(HostIo(req, op, volume, offset, length, data, fua), req)
         return req.wait()
 
     def read(self, volume: str, offset: int, length: int) -> bytes:

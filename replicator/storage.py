@@ -20,7 +20,7 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from journal import Journal
 
@@ -122,60 +122,62 @@ class NodeStorage:
             raise IntegrityError(f"{type(eff).__name__} failed: {exc}") from None
 
     def _run(self, eff: Any) -> Any:
-        if isinstance(eff, E.VolWrite):
-            self.stores[eff.volume].write(eff.offset, eff.data)
-        elif isinstance(eff, E.VolRead):
-            store = self.stores[eff.volume]
-            if eff.sparse and store.is_hole(eff.offset, eff.length):
-                return None
-            return store.read(eff.offset, eff.length)
-        elif isinstance(eff, E.VolHoleRun):
-            return self.stores[eff.volume].hole_run(eff.offset, eff.length)
-        elif isinstance(eff, E.VolSync):
-            self.stores[eff.volume].flush()
-        elif isinstance(eff, E.VolZero):
-            self.stores[eff.volume].zero(eff.offset, eff.length)
-        elif isinstance(eff, E.BitmapPut):
-            os.pwrite(self.bitmaps[(eff.volume, eff.kind)], eff.data, BITMAP_HEADER_BYTES + eff.first)
-        elif isinstance(eff, E.BitmapSync):
-            os.fdatasync(self.bitmaps[(eff.volume, eff.kind)])
-        elif isinstance(eff, E.BitmapCreate):
-            with self._lock:
-                os.close(self.bitmaps.pop((eff.volume, eff.kind)))
-                self._new_bitmap(eff.volume, eff.kind, eff.size, eff.block_bytes)
-        elif isinstance(eff, E.JournalAppend):
-            self.journals[eff.group].append_numbered(eff.entries)
-        elif isinstance(eff, E.JournalSync):
-            self.journals[eff.group].sync()
-        elif isinstance(eff, E.JournalRead):
-            j = self.journals[eff.group]
-            out = j.read(eff.first, max_bytes=1 << 62, max_entries=eff.last - eff.first + 1)
-            if not out or out[-1].seq != eff.last:
-                raise RangeNotStored(f"journal {eff.group}: {eff.first}..{eff.last} not all stored")
-            return [E.JEntry(x.seq, x.volume, x.offset, x.data) for x in out]
-        elif isinstance(eff, E.JournalDiscard):
-            self.journals[eff.group].discard(eff.through)
-        elif isinstance(eff, E.JournalCreate):
-            self._create_journal(eff)
-        elif isinstance(eff, E.JournalDelete):
-            j = self.journals.pop(eff.group, None)
-            if j is not None:
-                j.close()
-            for suffix in (".journal", ".meta"):
-                (self.jdir / f"{eff.group}{suffix}").unlink(missing_ok=True)
-        elif isinstance(eff, E.SaveMgmt):
-            atomic_write(self.mgmt_path, json.dumps(eff.record, indent=1, sort_keys=True).encode())
-        elif isinstance(eff, E.SaveApplied):
-            self._save_applied(eff.group, eff.applied, eff.applying)
-        elif isinstance(eff, E.VolHash):
-            return self._hash(eff.volume, eff.chunk, eff.offset, eff.length)
-        elif isinstance(eff, E.VolCreate):
-            self._create_volume(eff.volume, eff.size, eff.diff_block_bytes)
-        elif isinstance(eff, E.VolDelete):
-            self._delete_volume(eff.volume)
-        else:
+        do = self._table.get(type(eff))
+        if do is None:
             raise TypeError(f"not a storage effect: {eff!r}")
-        return None
+        return do(self, eff)
+
+    def _vol_write(self, eff: E.VolWrite) -> None:
+        self.stores[eff.volume].write(eff.offset, eff.data)
+
+    def _vol_read(self, eff: E.VolRead) -> bytes | None:
+        store = self.stores[eff.volume]
+        if eff.sparse and store.is_hole(eff.offset, eff.length):
+            return None
+        return store.read(eff.offset, eff.length)
+
+    def _bitmap_create(self, eff: E.BitmapCreate) -> None:
+        with self._lock:
+            os.close(self.bitmaps.pop((eff.volume, eff.kind)))
+            self._new_bitmap(eff.volume, eff.kind, eff.size, eff.block_bytes)
+
+    def _journal_read(self, eff: E.JournalRead) -> list[E.JEntry]:
+        j = self.journals[eff.group]
+        out = j.read(eff.first, max_bytes=1 << 62, max_entries=eff.last - eff.first + 1)
+        if not out or out[-1].seq != eff.last:
+            raise RangeNotStored(f"journal {eff.group}: {eff.first}..{eff.last} not all stored")
+        return [E.JEntry(x.seq, x.volume, x.offset, x.data) for x in out]
+
+    def _journal_delete(self, eff: E.JournalDelete) -> None:
+        j = self.journals.pop(eff.group, None)
+        if j is not None:
+            j.close()
+        for suffix in (".journal", ".meta"):
+            (self.jdir / f"{eff.group}{suffix}").unlink(missing_ok=True)
+
+    _table: dict[type, Callable[["NodeStorage", Any], Any]] = {
+        E.VolWrite: _vol_write,
+        E.VolRead: _vol_read,
+        E.VolHoleRun: lambda self, eff: self.stores[eff.volume].hole_run(eff.offset, eff.length),
+        E.VolSync: lambda self, eff: self.stores[eff.volume].flush(),
+        E.VolZero: lambda self, eff: self.stores[eff.volume].zero(eff.offset, eff.length),
+        E.BitmapPut: lambda self, eff: os.pwrite(self.bitmaps[(eff.volume, eff.kind)], eff.data,
+                                                 BITMAP_HEADER_BYTES + eff.first) and None,
+        E.BitmapSync: lambda self, eff: os.fdatasync(self.bitmaps[(eff.volume, eff.kind)]),
+        E.BitmapCreate: _bitmap_create,
+        E.JournalAppend: lambda self, eff: self.journals[eff.group].append_numbered(eff.entries),
+        E.JournalSync: lambda self, eff: self.journals[eff.group].sync(),
+        E.JournalRead: _journal_read,
+        E.JournalDiscard: lambda self, eff: self.journals[eff.group].discard(eff.through),
+        E.JournalCreate: lambda self, eff: self._create_journal(eff),
+        E.JournalDelete: _journal_delete,
+        E.SaveMgmt: lambda self, eff: atomic_write(self.mgmt_path,
+                                                   json.dumps(eff.record, indent=1, sort_keys=True).encode()),
+        E.SaveApplied: lambda self, eff: self._save_applied(eff.group, eff.applied, eff.applying),
+        E.VolHash: lambda self, eff: self._hash(eff.volume, eff.chunk, eff.offset, eff.length),
+        E.VolCreate: lambda self, eff: self._create_volume(eff.volume, eff.size, eff.diff_block_bytes),
+        E.VolDelete: lambda self, eff: self._delete_volume(eff.volume),
+    }
 
     # ------------------------------------------------------------------ volumes and bitmaps
     def _open_volume(self, name: str, size: int, create: bool = False) -> None:

@@ -35,7 +35,11 @@ class VolumeStore:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self.check(offset, len(data))
-        view = memoryview(data)
+        n = os.pwrite(self.fd, data, offset)
+        if n == len(data):
+            return
+        view = memoryview(data)[n:]
+        offset += n
         while view:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]

@@ -228,7 +228,7 @@ class DiffMap:
 
     # -- queries: bytes --------------------------------------------------
     def any_set(self, offset: int, length: int) -> bool:
-        return self.blocks.any_set(offset, length)
+        return self.blocks._count != 0 and self.blocks.any_set(offset, length)
 
     def count(self) -> int:
         """Dirty blocks."""

@@ -32,6 +32,8 @@ class Config:
     copy_streams: int = 3                   # regions of the background copy in flight at once
     resume_check_s: float = 1.0             # how often suspended pairs try to resume by themselves
     activity_retire_s: float = 1.0          # idle activity-log regions are cleared this often
+    activity_idle_s: float = 5.0            # ... once no write reached them for this long (a hot region
+                                            # stays set: no bitmap write and fsync before its next write)
     lag_samples_max: int = 4096             # (seq, time) samples kept for lag in seconds
     lag_sample_every_s: float = 0.01
     restart_backoff_s: float = 0.2          # a failed background task is restarted after this (doubling)

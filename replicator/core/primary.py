@@ -349,8 +349,10 @@ class PrimarySide:
     # ---------------------------------------------------------------- activity log
     def _activity_enter(self, vol: "Volume", offset: int, length: int) -> Generator[Any, Any, range]:
         regions = vol.activity.regions(offset, length)
+        now = self.core.rt.now
         for r in regions:
             vol.active[r] += 1
+            vol.active_at[r] = now
         bf = vol.maps["activity"]
         if bf.note(vol.activity.set_range(offset, length)) or bf.written < bf.version or \
                 bf.syncer.synced < bf.syncer.written:
@@ -365,14 +367,18 @@ class PrimarySide:
 
     def _retire_activity(self) -> Generator[Any, Any, None]:
         """Clear the bits of regions with nothing in flight (and, async, nothing unsynced in the
-        journal), so a crash resynchronises only what may differ. A lost clear costs a resync."""
+        journal), so a crash resynchronises only what may differ. A lost clear costs a resync.
+        A region written in the last ``activity_idle_s`` stays set (like DRBD's hot extents): its
+        next write needs no bitmap write and fsync first."""
         while True:
             yield Sleep(self.core.cfg.activity_retire_s)
+            quiet_since = self.core.rt.now - self.core.cfg.activity_idle_s
             for v in list(self.core.volumes.values()):
                 g = self.groups.get(v.info.group) if v.info.mode == "async" else None
                 if g is None and any(w > v.syncer.synced for w in v.active_write.values()):
                     yield from v.syncer.sync()      # sync: a region retires once its writes are durable here
                 idle = [r for r in v.activity.iter_set() if r not in v.active
+                        and v.active_at.get(r, 0.0) <= quiet_since
                         and (v.active_seq.get(r, 0) <= g.durable if g is not None
                              else v.active_write.get(r, 0) <= v.syncer.synced)]
                 changed = False
@@ -380,6 +386,7 @@ class PrimarySide:
                     changed |= v.maps["activity"].note(v.activity.clear(r))
                     v.active_seq.pop(r, None)
                     v.active_write.pop(r, None)
+                    v.active_at.pop(r, None)
                 if changed:
                     yield from v.maps["activity"].persist()
 

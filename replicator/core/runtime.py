@@ -9,6 +9,12 @@ task until some other code calls ``notify(key)``; a ``Sleep`` becomes a timer.
 
 No threads, no clock: time arrives as ``now`` with every event. One runtime per
 node; the driver serialises calls into it.
+
+A driver may also carry out some effects at once, while the core's step runs
+(``immediate``): a write to the page cache takes a few microseconds, less than a
+round trip through the driver. The task then resumes in the same step, as if the
+effect had completed without delay, which is one of the schedules the simulator
+(which never sets ``immediate``) already runs.
 """
 from __future__ import annotations
 
@@ -22,6 +28,9 @@ from .effects import Effect, SetTimer
 TaskGen = Generator[Any, Any, Any]
 _NOT_A_TIMER = object()
 MIN_TIMER_S = 1e-6
+DECLINED = object()        # what ``immediate`` returns for an effect it leaves to the driver
+IMMEDIATE_PER_STEP = 32    # effects carried out at once per call into the core, so a long batch
+                           # does not hold the driver's lock for long
 
 
 @dataclass(slots=True)
@@ -68,6 +77,10 @@ class Runtime:
     _running: bool = False
     dead: bool = False
     steps: int = 0
+    # The driver's executor for effects it may carry out at once (its result, or an exception
+    # to throw into the task), or DECLINED; None: every effect goes out (the simulator).
+    immediate: Callable[[Effect], Any] | None = None
+    _immediate_left: int = IMMEDIATE_PER_STEP
 
     # ------------------------------------------------------------------ public
     def spawn(self, gen: TaskGen, name: str,
@@ -137,6 +150,7 @@ class Runtime:
         if self._running:
             return
         self._running = True
+        self._immediate_left = IMMEDIATE_PER_STEP
         try:
             while self._ready:
                 task, token, value, exc = self._ready.popleft()
@@ -164,6 +178,15 @@ class Runtime:
     def _park(self, task: Task, op: Any) -> None:
         token = task.token
         if isinstance(op, Effect):
+            if self.immediate is not None and self._immediate_left > 0:
+                result = self.immediate(op)
+                if result is not DECLINED:
+                    self._immediate_left -= 1
+                    if isinstance(result, BaseException):
+                        self._ready.append((task, token, None, result))
+                    else:
+                        self._ready.append((task, token, result, None))
+                    return
             op.op = self._next_op
             self._next_op += 1
             self._ops[op.op] = (task, token, _NOT_A_TIMER)

@@ -83,6 +83,7 @@ class Volume:
     active: Counter[int] = field(default_factory=Counter)   # regions with a write in flight (activity log)
     active_seq: dict[int, int] = field(default_factory=dict)  # async: last journal seq per active region
     active_write: dict[int, int] = field(default_factory=dict)  # sync: syncer count after its last write
+    active_at: dict[int, float] = field(default_factory=dict)   # when a write last entered the region
     writes: int = 0
     bytes_written: int = 0
     copied_bytes: int = 0
