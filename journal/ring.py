@@ -239,30 +239,73 @@ class Journal:
         """Store one host write (SPEC 5.6, S2401-S2404), or a zeroing (a ZERO record), and return
         its sequence number. Raises JournalFull, changing nothing, when there is no room.
         """
-        zero = isinstance(data, Zeros)
-        span = len(data)
-        view = memoryview(zero_data(span) if zero else data).cast("B")  # type: ignore[arg-type]
-        size = HEADER_SIZE + len(view)
-        if len(view) > MAX_DATA_BYTES or size > self._capacity:
-            raise JournalFull(f"journal {self.name}: an entry of {len(view)} bytes can never fit "
-                              f"in {self._capacity} bytes")
-        if not 0 <= offset <= U64_MAX:
-            raise UsageError(f"journal {self.name}: offset {offset} out of range")
-        volume_id = self._volume_id(volume, size)
+        return self._append([(volume, offset, data)], None)
+
+    def _append(self, writes: Sequence[tuple[str, int, bytes | memoryview | Zeros]], first_seq: int | None) -> int:
+        """Append ``writes`` in order (numbered from ``first_seq`` if given, which must be the
+        counter); records that lie back to back go in one pwritev. Returns the last number.
+        On an error the records of the failing run and after it are not stored (nothing of them
+        stays in memory); JournalFull on the first record changes nothing."""
+        prepared = []
+        for volume, offset, data in writes:
+            zero = isinstance(data, Zeros)
+            view = memoryview(zero_data(len(data)) if zero else data).cast("B")  # type: ignore[arg-type]
+            size = HEADER_SIZE + len(view)
+            if len(view) > MAX_DATA_BYTES or size > self._capacity:
+                raise JournalFull(f"journal {self.name}: an entry of {len(view)} bytes can never fit "
+                                  f"in {self._capacity} bytes")
+            if not 0 <= offset <= U64_MAX:
+                raise UsageError(f"journal {self.name}: offset {offset} out of range")
+            prepared.append((self._volume_id(volume, size), offset, view, len(data), zero, size))
         with self._lock:
             self._check_open()
-            pos, wrap_at = self._place(size)
-            seq = self._counter
-            if wrap_at is not None:
-                _pwrite_all(self._fd, [encode_wrap(seq, epoch=self._epoch)], wrap_at)
-            header = encode_header(seq, volume_id, offset, view, epoch=self._epoch, type=ZERO if zero else ENTRY)
-            _pwrite_all(self._fd, [header, view], pos)
-            self._index[seq] = _Slot(pos, self._epoch, volume_id, offset, len(view), span, zero)
-            self._space.add(seq, pos, size)
-            self._data_bytes += len(view)
+            if first_seq is not None and first_seq != self._counter:
+                raise IntegrityError(f"journal {self.name}: entry {first_seq} appended where "
+                                     f"{self._counter} is next")
+            run: list[bytes | memoryview] = []
+            run_slots: list[tuple[int, _Slot, int]] = []
+            run_at = run_end = -1
+            for volume_id, offset, view, span, zero, size in prepared:
+                seq = self._counter + len(run_slots)
+                pos, wrap_at = self._place_after(run_slots, size)
+                if run and (wrap_at is not None or pos != run_end):
+                    self._write_run(run, run_at, run_slots)
+                    run, run_slots = [], []
+                    seq = self._counter
+                if wrap_at is not None:
+                    _pwrite_all(self._fd, [encode_wrap(seq, epoch=self._epoch)], wrap_at)
+                if not run:
+                    run_at = pos
+                run += (encode_header(seq, volume_id, offset, view, epoch=self._epoch,
+                                      type=ZERO if zero else ENTRY), view)
+                run_slots.append((seq, _Slot(pos, self._epoch, volume_id, offset, len(view), span, zero), size))
+                run_end = pos + size
+            if run:
+                self._write_run(run, run_at, run_slots)
+            return self._stored
+
+    def _place_after(self, pending: list[tuple[int, _Slot, int]], size: int) -> tuple[int, int | None]:
+        """Where a record goes after the ``pending`` records of this append (not yet in _space)."""
+        if not pending:
+            return self._place(size)
+        probe = RingSpace(self._capacity, self._space.head)
+        probe.live.append(self._space.live[0] if self._space.live else (0, pending[0][1].pos, 0))
+        for seq, slot, n in pending:
+            probe.add(seq, slot.pos, n)
+        where = probe.place(size)
+        if where is None:
+            raise JournalFull(f"journal {self.name} is full: {size} bytes needed")
+        return where
+
+    def _write_run(self, run: list[bytes | memoryview], at: int, slots: list[tuple[int, _Slot, int]]) -> None:
+        """Write back-to-back records, then count them stored (callers hold _lock)."""
+        _pwrite_all(self._fd, run, at)
+        for seq, slot, size in slots:
+            self._index[seq] = slot
+            self._space.add(seq, slot.pos, size)
+            self._data_bytes += slot.length
             self._stored = seq
             self._counter = seq + 1
-        return seq
 
     def read(self, from_seq: int, max_bytes: int = 4 << 20, max_entries: int = 1024) -> list[Entry]:
         """Stored entries from ``from_seq`` upward, read from the data file (SPEC 5.8, 5.11).
@@ -376,10 +419,12 @@ class Journal:
     # ------------------------------------------------------------------ what the node's core asks for
     def append_numbered(self, entries: Sequence[Any]) -> None:
         """Append entries the core numbered (``seq``, ``volume``, ``offset``, ``data``), in order."""
-        for e in entries:
-            if e.seq != self.counter:
-                raise IntegrityError(f"journal {self.name}: entry {e.seq} appended where {self.counter} is next")
-            self.append(e.volume, e.offset, e.data)
+        for i in range(1, len(entries)):
+            if entries[i].seq != entries[i - 1].seq + 1:
+                raise IntegrityError(f"journal {self.name}: entries {entries[i - 1].seq} and {entries[i].seq} "
+                                     f"are not consecutive")
+        if entries:
+            self._append([(e.volume, e.offset, e.data) for e in entries], entries[0].seq)
 
     def discard(self, through: int) -> None:
         """Free every entry up to ``through`` durably; beyond the last stored one (a fold of entries

@@ -130,6 +130,14 @@ class NodeStorage:
     def _vol_write(self, eff: E.VolWrite) -> None:
         self.stores[eff.volume].write(eff.offset, eff.data)
 
+    def _vol_write_many(self, eff: E.VolWriteMany) -> None:
+        stores = self.stores
+        for volume, offset, data in eff.writes:
+            if type(data) is E.Zeros:
+                stores[volume].zero(offset, data.length)
+            else:
+                stores[volume].write(offset, data)
+
     def _vol_read(self, eff: E.VolRead) -> bytes | None:
         store = self.stores[eff.volume]
         if eff.sparse and store.is_hole(eff.offset, eff.length):
@@ -157,6 +165,7 @@ class NodeStorage:
 
     _table: dict[type, Callable[["NodeStorage", Any], Any]] = {
         E.VolWrite: _vol_write,
+        E.VolWriteMany: _vol_write_many,
         E.VolRead: _vol_read,
         E.VolHoleRun: lambda self, eff: self.stores[eff.volume].hole_run(eff.offset, eff.length),
         E.VolSync: lambda self, eff: self.stores[eff.volume].flush(),

@@ -11,6 +11,8 @@ class Config:
     region_bytes: int = MiB                 # region locks, migrated / activity bitmaps: one bit per region
     diff_block_bytes: int = 4096            # diff_bitmap of a new volume: one bit per block (pair create may choose)
     sync_timeout_s: float = 5.0             # a sync write waits this long for the secondary, then suspends
+    sync_batch_writes: int = 64             # sync writes of one volume sharing one round trip, at most
+    sync_batch_bytes: int = 8 * MiB         # ... and their data, at most
     copy_wait_s: float = 20.0               # an async region copy waits this long at the secondary for the apply
     peer_timeout_s: float = 30.0            # relays, fetches, migration requests
     control_timeout_s: float = 10.0         # small control requests between nodes
@@ -19,6 +21,7 @@ class Config:
     pull_idle_s: float = 0.02               # a pulling secondary with nothing new asks again after this
     push_batch_bytes: int = 4 * MiB         # journal data per push or pull message
     push_batch_entries: int = 1024
+    push_cache_bytes: int = 32 * MiB        # journal data a group keeps in memory for its push (per group)
     discard_every_s: float = 0.05           # under load, free applied journal space this often
     journal_bytes_default: int = 256 * MiB
     journal_high_water: float = 0.8         # past this fill, async host writes are slowed (back-pressure)

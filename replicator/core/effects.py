@@ -62,6 +62,14 @@ class VolWrite(Effect):
 
 
 @dataclass(slots=True, eq=False)
+class VolWriteMany(Effect):
+    """Write or zero several ranges, in order (a batch of journal entries applied at a secondary):
+    one effect for the batch, whatever its length."""
+
+    writes: list[tuple[str, int, "bytes | memoryview | Zeros"]]
+
+
+@dataclass(slots=True, eq=False)
 class VolHoleRun(Effect):
     """How many bytes from ``offset`` on (at most ``length``) hold no data (read as zeros)."""
 

@@ -42,15 +42,7 @@ class RingSpace:
 
     def place(self, size: int) -> tuple[int, int | None] | None:
         """(position, wrap-marker position or None) for a record of ``size`` bytes; None if full."""
-        if size > self.capacity:
-            return None
-        free = self.capacity - self.used()
-        end_room = self.capacity - self.head
-        if size <= end_room:
-            return (self.head, None) if size <= free else None
-        if not self.live or end_room + size <= free:     # skip the end gap, continue at 0
-            return 0, (self.head if end_room >= RECORD_HEADER_BYTES else None)
-        return None
+        return _place(self.capacity, self.head, self.tail, bool(self.live), size)
 
     def add(self, seq: int, pos: int, size: int) -> None:
         """A record of ``size`` bytes was placed at ``pos`` (from ``place``)."""
@@ -64,13 +56,27 @@ class RingSpace:
 
     def fits(self, sizes: list[int]) -> int:
         """How many of the records ``sizes`` (in order) would fit, without placing them."""
-        probe = RingSpace(self.capacity, self.head)
-        probe.live = deque(self.live)
+        head, tail, live = self.head, self.tail, bool(self.live)
         n = 0
         for size in sizes:
-            where = probe.place(size)
+            where = _place(self.capacity, head, tail, live, size)
             if where is None:
                 break
-            probe.add(-1, where[0], size)
+            if not live:
+                tail, live = where[0], True
+            head = (where[0] + size) % self.capacity
             n += 1
         return n
+
+
+def _place(capacity: int, head: int, tail: int, live: bool, size: int) -> tuple[int, int | None] | None:
+    """RingSpace.place for a ring whose live records (if ``live``) span [tail, head)."""
+    if size > capacity:
+        return None
+    free = capacity - (((head - tail) % capacity or capacity) if live else 0)
+    end_room = capacity - head
+    if size <= end_room:
+        return (head, None) if size <= free else None
+    if not live or end_room + size <= free:     # skip the end gap, continue at 0
+        return 0, (head if end_room >= RECORD_HEADER_BYTES else None)
+    return None

@@ -14,13 +14,14 @@ Durability rules held here:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generator
 
 from .. import wire
 from ..errors import NodeUnreachable, RcopyError, StateError, UsageError
 from . import tables as T
 from .effects import JournalCreate, JournalDelete, VolHoleRun, VolRead, VolZero, Zeros, put
-from .payload import write_data, write_fields
+from .payload import ZERO_MARK, write_data, write_fields
 from .model import PeerVolume, SourceGroupInfo, check_name
 from .runtime import Sleep, Wait
 from .source_group import SourceGroup
@@ -30,6 +31,26 @@ if TYPE_CHECKING:
     from .volume import Volume
 
 
+@dataclass(slots=True, eq=False)
+class _SyncWrite:
+    """A sync write waiting for its batch's round trip to the secondary."""
+
+    offset: int
+    data: bytes | memoryview | Zeros
+    done: bool = False
+    error: RcopyError | None = None
+
+
+def sync_fields(batch: list[_SyncWrite]) -> tuple[dict[str, Any], list[Any]]:
+    """A pair.write of several sync writes: ``writes`` [[offset, length(, "z")], ...], one frame each
+    (empty for a zeroing). A batch of one keeps the one-range form."""
+    if len(batch) == 1:
+        fields, frames = write_fields(batch[0].data)
+        return {"offset": batch[0].offset, **fields}, frames
+    writes = [[it.offset, len(it.data)] + ([ZERO_MARK] if isinstance(it.data, Zeros) else []) for it in batch]
+    return {"writes": writes}, [b"" if isinstance(it.data, Zeros) else it.data for it in batch]
+
+
 class PrimarySide:
     """Pairs and host I/O of one node's primaries."""
 
@@ -37,6 +58,8 @@ class PrimarySide:
         self.core = core
         self._resuming: set[str] = set()        # groups (or sync volumes) being resumed
         self.groups: dict[str, SourceGroup] = {}
+        self._sync_queue: dict[str, list[_SyncWrite]] = {}    # sync writes waiting for a round trip
+        self._sync_sending: set[str] = set()                   # volumes with a batch in flight
 
     def handlers(self) -> dict[str, Any]:
         return {"pair.create": self._h_pair_create, "pair.delete": self._h_pair_delete,
@@ -276,7 +299,7 @@ class PrimarySide:
             for r in regions:
                 vol.active_write[r] = vol.syncer.written
             try:
-                yield from self.send_copy(vol, offset, data)                  # S1129: wait for the secondary
+                yield from self._send_sync(vol, offset, data)                 # S1129: wait for the secondary
             except RcopyError as exc:
                 # Any error: suspend first, then acknowledge; the write is tracked (invariant 19).
                 yield from self.mark_dirty(vol, offset, len(data))
@@ -329,6 +352,47 @@ class PrimarySide:
             data, zero = None, data.length
         yield from self._pair_write(vol, {"offset": offset, "zero": zero}, [data] if data is not None else [],
                                     after_seq)
+
+    def _send_sync(self, vol: "Volume", offset: int, data: bytes | memoryview | Zeros) -> Generator[Any, Any, None]:
+        """A sync write to the secondary, sharing its round trip with the writes of this volume that
+        wait meanwhile (group commit): whoever finds no batch in flight sends every queued write in
+        one pair.write; the secondary makes the batch durable with one fsync and answers once."""
+        item = _SyncWrite(offset, data)
+        queue = self._sync_queue.setdefault(vol.name, [])
+        queue.append(item)
+        key = ("sync-sent", vol.name)
+        while not item.done:
+            if vol.name in self._sync_sending:
+                yield Wait(key)
+                continue
+            batch = self._take_batch(queue)
+            self._sync_sending.add(vol.name)
+            error: RcopyError | None = None
+            try:
+                yield from self._pair_write(vol, *sync_fields(batch), 0)
+            except RcopyError as exc:
+                error = exc
+            finally:
+                self._sync_sending.discard(vol.name)
+                if error is not None:       # the pair suspends: the writes queued meanwhile need no try
+                    batch += queue
+                    queue.clear()
+                for it in batch:
+                    it.done, it.error = True, error
+                self.core.rt.notify(key)
+        if item.error is not None:
+            raise item.error
+
+    def _take_batch(self, queue: list["_SyncWrite"]) -> list["_SyncWrite"]:
+        cfg, total, n = self.core.cfg, 0, 0
+        for it in queue:
+            total += 0 if isinstance(it.data, Zeros) else len(it.data)
+            if n and (n >= cfg.sync_batch_writes or total > cfg.sync_batch_bytes):
+                break
+            n += 1
+        batch = queue[:n]
+        del queue[:n]
+        return batch
 
     def send_runs(self, vol: "Volume", parts: list[tuple[int, int, bytes | None]],
                   after_seq: int = 0) -> Generator[Any, Any, None]:

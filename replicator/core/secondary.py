@@ -24,9 +24,9 @@ from .. import wire
 from ..errors import NotFound, ProtocolError, RangeNotStored, RcopyError, StateError, UsageError
 from . import tables as T
 from .applier import OrderedApplier
-from .effects import SaveApplied, VolWrite, VolZero, Zeros, put
+from .effects import SaveApplied, VolWrite, VolWriteMany, VolZero, Zeros
 from .journal_space import ZERO_RECORD_DATA_BYTES
-from .payload import entry_data, write_data
+from .payload import ZERO_MARK, entry_data, entry_payloads, write_data
 from .model import DestGroupInfo, PeerVolume
 from .runtime import Sleep, Wait
 from .verify import ChangeLog
@@ -122,11 +122,13 @@ class SecondarySide:
             dg.applying = True
             touched: dict[str, "Volume"] = {}
             try:
-                for seq, (vol, offset, data) in run:             # S2702/S2703, oldest first
+                for seq, (vol, offset, data) in run:
                     dg.changes.note(core.rt.now, vol.name, offset, len(data), seq)
-                    yield put(vol.name, offset, data)
-                    vol.syncer.wrote()
                     touched[vol.name] = vol
+                # S2702/S2703: the whole batch, oldest first, in one effect
+                yield VolWriteMany([(vol.name, offset, data) for _, (vol, offset, data) in run])
+                for vol in touched.values():
+                    vol.syncer.wrote()
                 last = run[-1][0]
                 dg.applier.drop_through(last)
                 dg.applier.applied(last)
@@ -193,7 +195,8 @@ class SecondarySide:
     def _h_journal_push(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """Receive journal entries (Fig. 25); the apply loop applies what is contiguous."""
         dg = self._group(msg["group"])
-        self.receive(dg, str(msg["source"]), msg["entries"], msg.payloads)
+        self.receive(dg, str(msg["source"]), msg["entries"], entry_payloads(msg["entries"], msg.payloads,
+                                                                             msg.get("packed")))
         return wire.ok(applied=dg.durable_applied, incarnation=self.core.incarnation)
         yield
 
@@ -256,7 +259,7 @@ class SecondarySide:
         metas = reply.get("entries") or []
         if metas:
             try:
-                self.receive(dg, src.node, metas, reply.payloads)
+                self.receive(dg, src.node, metas, entry_payloads(metas, reply.payloads, reply.get("packed")))
             except StateError:          # reorder buffer full: ask again later from the same place
                 return 0
             dg.pull_cursor[src.node] = int(metas[-1][0]) + 1
@@ -287,19 +290,26 @@ class SecondarySide:
                                      f"(applied {dg.applier.last_applied}); retry the copy later")
                 yield Wait(("applied", dg.name), timeout_s=deadline - core.rt.now)
             self._check_epoch(vol, epoch, source)
-        regions = vol.regions(offset, length)
-        yield from vol.locks.acquire(regions)
+        # one region (a copy), or the regions of a batch of sync writes, in ascending order
+        locked = [vol.regions(offset, length)] if "writes" not in msg.fields else \
+            _distinct([vol.regions(off, n) for off, n, _ in parts])
+        held: list[range] = []
         try:
-            for off, n, data in parts:
-                if dg is not None:   # a copy holds the primary's bytes after entry after_seq, and more
+            for regions in locked:
+                yield from vol.locks.acquire(regions)
+                held.append(regions)
+            if dg is not None:       # a copy holds the primary's bytes after entry after_seq, and more
+                for off, n, _ in parts:
                     dg.changes.note(core.rt.now, vol.name, off, n, after_seq + 1)
-                if data is None:
-                    yield VolZero(vol.name, off, n)
-                else:
-                    yield VolWrite(vol.name, off, data)
-                vol.syncer.wrote()
+            if len(parts) == 1:
+                off, n, data = parts[0]
+                yield VolZero(vol.name, off, n) if data is None else VolWrite(vol.name, off, data)
+            else:
+                yield VolWriteMany([(vol.name, off, Zeros(n) if data is None else data) for off, n, data in parts])
+            vol.syncer.wrote()
         finally:
-            vol.locks.release(regions)
+            for regions in held:
+                vol.locks.release(regions)
         yield from vol.syncer.sync()                  # durable before it is acknowledged
         return wire.ok()
 
@@ -308,6 +318,8 @@ class SecondarySide:
         """(offset, length, data or None for zeros) of a pair.write: one range (``offset`` with a
         payload, or ``zero`` bytes), or a copy's dirty runs (``extents``, one payload each, empty
         for zeros) in ascending order within one region."""
+        if "writes" in msg.fields:
+            return _sync_writes(vol, msg)
         if "extents" not in msg.fields:
             offset, data = int(msg["offset"]), write_data(msg.fields, msg.payloads, "pair.write")
             parts = [(offset, len(data), None if isinstance(data, Zeros) else data)]
@@ -470,3 +482,38 @@ class SecondarySide:
             vol.info.consistent = True
         yield from core.save()
         return wire.ok()
+
+
+def _sync_writes(vol: "Volume", msg: wire.Message) -> list[tuple[int, int, Any]]:
+    """The parts of a pair.write carrying a batch of sync writes (``writes``: [offset, length] or
+    [offset, length, "z"] each, a frame each, empty for a zeroing), in ascending order. The
+    primary's region locks keep writes of one batch apart; overlapping ones are refused."""
+    writes = msg["writes"]
+    if not isinstance(writes, list) or not writes or len(writes) != len(msg.payloads):
+        raise ProtocolError(f"pair.write with {len(writes) if isinstance(writes, list) else writes!r} writes "
+                            f"and {len(msg.payloads)} payloads")
+    parts = []
+    for w, data in zip(writes, msg.payloads):
+        if not isinstance(w, list) or len(w) not in (2, 3):
+            raise ProtocolError(f"malformed sync write {w!r}")
+        off, n, zero = int(w[0]), int(w[1]), len(w) == 3 and w[2] == ZERO_MARK
+        if n <= 0 or len(data) != (0 if zero else n):
+            raise ProtocolError(f"sync write ({off}, {n}) with {len(data)} bytes")
+        vol.check(off, n)
+        parts.append((off, n, None if zero else data))
+    parts.sort(key=lambda p: p[0])
+    for a, b in zip(parts, parts[1:]):
+        if b[0] < a[0] + a[1]:
+            raise ProtocolError(f"sync writes at {a[0]} and {b[0]} overlap")
+    return parts
+
+
+def _distinct(ranges: list[range]) -> list[range]:
+    """Region ranges (ascending, as the parts are) merged where they overlap or touch."""
+    out: list[range] = []
+    for r in ranges:
+        if out and r.start <= out[-1].stop:
+            out[-1] = range(out[-1].start, max(out[-1].stop, r.stop))
+        else:
+            out.append(r)
+    return out

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Generator
 from .. import wire
 from ..errors import RangeNotStored, RcopyError
 from . import tables as T
-from .effects import JEntry, JournalAppend, JournalDiscard, JournalRead, JournalSync
+from .effects import JEntry, JournalAppend, JournalDiscard, JournalRead, JournalSync, Zeros
 from .journal_space import RingSpace, record_bytes
 from .payload import entry_frames
 from .model import PeerVolume, SourceGroupInfo
@@ -70,6 +70,10 @@ class SourceGroup:
         self.live_bytes = 0                                     # data bytes of entries (discarded, stored]
         self.throttled = 0                                      # host writes slowed by back-pressure
         self.throttled_s = 0.0
+        # Entries appended by this incarnation, kept for the push until discarded (at most
+        # push_cache_bytes of data): a push sends them from memory instead of reading the journal.
+        self.cache: dict[int, JEntry] = {}
+        self.cache_bytes = 0
         if state is not None:
             self._restore(state)
 
@@ -177,8 +181,35 @@ class SourceGroup:
                 continue
             self.appending = False
             self.stored = entries[-1].seq
+            self._keep(entries)
             rt.notify(("stored", self.name))
             rt.notify(("appended", self.name))
+
+    def _keep(self, entries: list[JEntry]) -> None:
+        room = self.core.cfg.push_cache_bytes - self.cache_bytes
+        for e in entries:
+            n = 0 if isinstance(e.data, Zeros) else len(e.data)
+            if n > room:
+                break
+            self.cache[e.seq] = e
+            self.cache_bytes += n
+            room -= n
+
+    def read_entries(self, first: int, last: int) -> Generator[Any, Any, list[JEntry]]:
+        """Entries ``first..last`` (stored and durable): from memory where this incarnation kept
+        them, else from the journal (RangeNotStored if they were discarded meanwhile)."""
+        out = []
+        for seq in range(first, last + 1):
+            e = self.cache.get(seq)
+            if e is None:
+                break
+            out.append(e)
+        if len(out) == last - first + 1:
+            return out
+        if out:         # the kept prefix now; the rest with the next push
+            return out
+        entries = yield JournalRead(self.name, first, last)
+        return entries
 
     def _note_live(self, volume: str, offset: int, length: int, seq: int) -> None:
         for chunk in range(offset // LIVE_CHUNK, (offset + length - 1) // LIVE_CHUNK + 1):
@@ -303,6 +334,9 @@ class SourceGroup:
 
     def _freed(self, through: int) -> None:
         for s in range(self.discarded + 1, through + 1):
+            kept = self.cache.pop(s, None)
+            if kept is not None and not isinstance(kept.data, Zeros):
+                self.cache_bytes -= len(kept.data)
             e = self.index.pop(s, None)
             if e is not None:
                 self.live_bytes -= e[2]
@@ -349,14 +383,14 @@ class SourceGroup:
                 last = self._batch_end(start, limit, self.batch_bytes())
                 yield from self.make_durable(last)
                 try:
-                    entries = yield JournalRead(self.name, start, last)
+                    entries = yield from self.read_entries(start, last)
                 except RangeNotStored:    # folded or discarded meanwhile
                     yield Wait(("discarded", self.name), timeout_s=cfg.link_retry_s)
                     continue
-            metas, frames = entry_frames(entries)
+            metas, frames, packed = entry_frames(entries)
             try:
                 reply = yield from self.core.call(dest.node, dest.control, "journal.push", {
-                    "group": self.name, "source": self.core.name, "entries": metas},
+                    "group": self.name, "source": self.core.name, "entries": metas, "packed": packed},
                     frames, timeout_s=cfg.sync_timeout_s)
             except RcopyError as exc:
                 self.link_up, self.last_error = False, str(exc)
@@ -394,11 +428,11 @@ class SourceGroup:
         last = self._batch_end(start, last_avail, min(int(msg.get("max_bytes", cfg.push_batch_bytes)),
                                                       self.batch_bytes()))
         yield from self.make_durable(last)
-        entries = yield JournalRead(self.name, start, last)
+        entries = yield from self.read_entries(start, last)
         if entries:
             self.transferred = max(self.transferred, entries[-1].seq)
-        metas, frames = entry_frames(entries)
-        return wire.ok(frames, entries=metas)
+        metas, frames, packed = entry_frames(entries)
+        return wire.ok(frames, entries=metas, packed=packed)
 
     # ================================================================== lag
     def _sample(self, seq: int) -> None:

@@ -40,7 +40,7 @@ EXTRA_PROCEDURES = ("verify", "migrate-local")
 SIM_CONFIG = Config(region_bytes=REGION_BYTES, diff_block_bytes=REGION_BYTES // 4, sync_timeout_s=0.4, copy_wait_s=1.0, peer_timeout_s=1.5,
                     control_timeout_s=1.0, heartbeat_s=0.1, link_retry_s=0.02, pull_idle_s=0.05,
                     push_batch_bytes=16 * 1024,
-                    push_batch_entries=16, discard_every_s=0.02, journal_bytes_default=96 * 1024,
+                    push_batch_entries=16, push_cache_bytes=8 * 1024, discard_every_s=0.02, journal_bytes_default=96 * 1024,
                     reorder_bytes_max=64 * 1024, apply_batch_bytes=8 * 1024, pending_hold_max_s=8.0,
                     handover_timeout_s=2.0, valid_quick_s=0.3, copy_streams=2, resume_check_s=0.2,
                     activity_retire_s=0.2, activity_idle_s=0.3, lag_samples_max=64, lag_sample_every_s=0.005,

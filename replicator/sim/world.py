@@ -273,6 +273,9 @@ class World:
         disk = d.disk
         if isinstance(eff, E.VolWrite):
             disk.volumes[eff.volume].write(eff.offset, bytes(eff.data))
+        elif isinstance(eff, E.VolWriteMany):
+            for volume, offset, data in eff.writes:
+                disk.volumes[volume].write(offset, bytes(data.length) if isinstance(data, E.Zeros) else bytes(data))
         elif isinstance(eff, E.VolRead):
             data = disk.volumes[eff.volume].read(eff.offset, eff.length)
             return None if eff.sparse and not any(data) else data

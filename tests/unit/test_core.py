@@ -160,7 +160,7 @@ def test_defect2_applied_is_reported_only_once_data_and_pointer_are_durable() ->
     assert again["applied"] == 2
     reply = next(e for e in reversed(h.trace) if isinstance(e, E.Reply) and e.msg.fields.get("applied") == 2)
     i_reply = h.trace.index(reply)
-    i_write, i_sync, i_record = order(h, lambda e: isinstance(e, E.VolWrite) and e.volume == "v3",
+    i_write, i_sync, i_record = order(h, lambda e: isinstance(e, E.VolWriteMany) and e.writes[0][0] == "v3",
                                       lambda e: isinstance(e, E.VolSync) and e.volume == "v3",
                                       lambda e: isinstance(e, E.SaveApplied) and e.applied == 2)
     assert i_write < i_sync < i_record < i_reply

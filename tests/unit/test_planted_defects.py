@@ -150,7 +150,6 @@ def test_the_simulator_finds_a_secondary_that_ignores_a_trim(monkeypatch: pytest
     them keeps data the primary no longer has."""
     from replicator.core import effects as E
     from replicator.core import secondary
-    original = secondary.put
-    monkeypatch.setattr(secondary, "put", lambda vol, off, data: E.VolWrite(vol, off, b"")
-                        if isinstance(data, E.Zeros) else original(vol, off, data))
+    monkeypatch.setattr(secondary, "VolWriteMany", lambda writes: E.VolWriteMany(
+        [(vol, off, b"") if isinstance(data, E.Zeros) else (vol, off, data) for vol, off, data in writes]))
     assert _first_failing_seed(range(0, 200)) is not None
