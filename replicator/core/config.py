@@ -32,7 +32,8 @@ class Config:
     handover_timeout_s: float = 30.0        # V2 gives up the handover after this and goes back to THROUGH
     valid_quick_s: float = 3.0              # S807 waits this long for V3 before V2 goes on
     copy_hole_regions: int = 256            # dirty regions without data sent as one zero command (initial copy, resync)
-    copy_streams: int = 3                   # regions of the background copy in flight at once
+    copy_batch_regions: int = 8             # background copy: a run of up to this many regions per message, one sync
+    copy_streams: int = 4                   # background copy messages in flight at once (so up to 32 MiB)
     resume_check_s: float = 1.0             # how often suspended pairs try to resume by themselves
     activity_retire_s: float = 1.0          # idle activity-log regions are cleared this often
     activity_idle_s: float = 5.0            # ... once no write reached them for this long (a hot region

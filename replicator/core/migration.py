@@ -21,7 +21,7 @@ Every phase is in the management information (``TargetMigration``,
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generator
+from typing import TYPE_CHECKING, Any, Generator, Iterable
 
 from .. import wire
 from ..errors import NodeUnreachable, ProtocolError, RcopyError, StateError, UsageError
@@ -34,6 +34,29 @@ from .runtime import Sleep, Wait
 if TYPE_CHECKING:
     from .node import BootState, NodeCore
     from .volume import Volume
+
+
+def _run_bytes(v: "Volume", run: range) -> int:
+    """Bytes of a run of regions (the volume's last region may be short)."""
+    return sum(v.migrated.extent(run.stop - 1)) - v.migrated.extent(run.start)[0] if run else 0
+
+
+def _runs(regions: Iterable[int]) -> list[range]:
+    """Ascending region numbers as runs of consecutive ones."""
+    out: list[range] = []
+    for r in regions:
+        if out and out[-1].stop == r:
+            out[-1] = range(out[-1].start, r + 1)
+        else:
+            out.append(range(r, r + 1))
+    return out
+
+
+def _free_run(v: "Volume", region: int, limit: int, taken: set[int]) -> int:
+    """How many regions the background copy may take as one run: ``region`` (taken already) and
+    the unmigrated regions right after it that no other stream has taken, at most ``limit``."""
+    n = max(1, v.migrated.run(region, limit, False))
+    return next((i for i in range(1, n) if region + i in taken), n)
 
 
 def source_key(mid: str) -> str:
@@ -668,12 +691,14 @@ class Migrations:
                         moved = self.moved.setdefault(sm.id, [0, 0])
                         if n:
                             run = range(region, region + n)
-                            moved[1] += sum(v.migrated.extent(r)[1] for r in run)
+                            moved[1] += _run_bytes(v, run)
                         else:
-                            sent = yield from self._push_region(v, target, region)
-                            moved[0 if sent else 1] += sent or v.migrated.extent(region)[1]
+                            run = range(region, region + _free_run(v, region, core.cfg.copy_batch_regions, taken))
+                            taken.update(run)
+                            sent = yield from self._push_regions(v, target, run)
+                            moved[0 if sent else 1] += sent or _run_bytes(v, run)
                         yield from v.maps["migrated"].update(v.migrated.set_regions(run))   # S915
-                        state["copied"] += sum(v.migrated.extent(r)[1] for r in run)
+                        state["copied"] += _run_bytes(v, run)
                         elapsed = max(core.rt.now - state["start"], 1e-6)
                         self.rate_bytes_s = state["copied"] / elapsed
                         if sm.rate_limit_bytes_s:
@@ -698,8 +723,7 @@ class Migrations:
         """Unmigrated regions from ``region`` on that hold no data go to V2 as one zero command (up
         to copy_hole_regions, one SEEK_DATA); how many, or 0 (fewer than two: one by one)."""
         cfg = self.core.cfg
-        run = v.migrated.run(region, cfg.copy_hole_regions, False)
-        run = next((i for i in range(1, run) if region + i in taken), run)
+        run = _free_run(v, region, cfg.copy_hole_regions, taken)
         if run < 2:
             return 0
         offset = v.migrated.extent(region)[0]
@@ -723,14 +747,16 @@ class Migrations:
         finally:                                 # the caller releases what it returns
             taken.difference_update(range(region + max(n, 1), region + run))
 
-    def _push_region(self, v: "Volume", target: PeerVolume, region: int) -> Generator[Any, Any, int]:
-        """Send one region to V2, retrying while it does not answer; the data bytes sent (0: zeros)."""
+    def _push_regions(self, v: "Volume", target: PeerVolume, run: range) -> Generator[Any, Any, int]:
+        """Send a run of regions to V2 in one message, retrying while it does not answer; the data
+        bytes sent (0: the run holds no data and went as zeros)."""
+        offset, length = v.migrated.extent(run.start)[0], _run_bytes(v, run)
         while True:
-            offset, length = v.migrated.extent(region)
             data = yield VolRead(v.name, offset, length, sparse=True)
             try:
                 yield from self.core.call(target.node, target.control, "mig.region", {
-                    "volume": target.volume, "region": region, "zero": length if data is None else 0},
+                    "volume": target.volume, "region": run.start, "count": len(run),
+                    "zero": length if data is None else 0},
                     [data] if data is not None else [], timeout_s=self.core.cfg.peer_timeout_s)
                 return len(data) if data is not None else 0
             except RcopyError as exc:
@@ -762,52 +788,43 @@ class Migrations:
         tm = self.target_of(v)
         if tm is None or tm.phase not in (T.TRANSITIONAL, T.MIGRATING):
             raise StateError(f"{self.core.name}:{v.name} is not migrating")
-        if count > 1:
-            if not msg.get("zero"):
-                raise ProtocolError("mig.region: several regions only as a zero command")
-            return (yield from self._zero_regions(v, range(region, region + count)))
-        offset, length = v.migrated.extent(region)
-        regions = range(region, region + 1)
-        yield from v.locks.acquire(regions)
-        try:
-            if v.migrated.is_set(region):
-                return wire.ok(skipped=True)
-            if msg.get("zero"):
-                yield VolZero(v.name, offset, length)
-            elif msg.payloads and len(msg.payloads[0]) == length:
-                yield VolWrite(v.name, offset, msg.payloads[0])
-            else:
-                raise ProtocolError("mig.region: data does not match the region")
-            v.syncer.wrote()
-            yield from v.syncer.sync()
-            yield from v.maps["migrated"].update(v.migrated.set(region), sync=True)
-        finally:
-            v.locks.release(regions)
-        return wire.ok(skipped=False)
+        regions = range(region, region + count)
+        data = None
+        if not msg.get("zero"):
+            if len(msg.payloads) != 1 or len(msg.payloads[0]) != _run_bytes(v, regions):
+                raise ProtocolError("mig.region: data does not match the regions")
+            data = memoryview(msg.payloads[0])
+        return (yield from self._store_regions(v, regions, data))
 
-    def _zero_regions(self, v: "Volume", regions: range) -> Generator[Any, Any, wire.Message]:
-        """S914 for a run of V1's regions without data: zero those V2 does not hold yet."""
-        yield from v.locks.acquire(regions)
-        try:
-            runs: list[range] = []
-            for r in regions:                   # the unmigrated ones, in runs
-                if v.migrated.is_set(r):
-                    continue
-                if runs and runs[-1].stop == r:
-                    runs[-1] = range(runs[-1].start, r + 1)
-                else:
-                    runs.append(range(r, r + 1))
-            for run in runs:
-                offset = v.migrated.extent(run.start)[0]
-                end = sum(v.migrated.extent(run.stop - 1))
-                yield VolZero(v.name, offset, end - offset)
-            if runs:
-                v.syncer.wrote()
-                yield from v.syncer.sync()      # the zeros durable before their bits
-                for i, run in enumerate(runs):
-                    yield from v.maps["migrated"].update(v.migrated.set_regions(run), sync=i == len(runs) - 1)
-        finally:
-            v.locks.release(regions)
+    def _store_regions(self, v: "Volume", regions: range, data: memoryview | None) -> Generator[Any, Any, wire.Message]:
+        """S914 for a run of V1's regions (``data``: their bytes; None: they hold no data): store
+        those V2 does not hold yet, then one sync for the data and one for their bits.
+
+        A region's lock is held only while it is checked and written (for zeros: the whole run,
+        one punched hole), not through the syncs, so a host request waits at most one region's
+        write. Once released, a host request finds the region unmigrated still and fetches it
+        again from V1 (the same bytes: V1 is frozen) before its own write; the copy never writes
+        after it. The bits are set only once the data is durable, as before."""
+        base = v.migrated.extent(regions.start)[0]
+        written: list[range] = []
+        for piece in [regions] if data is None else [range(r, r + 1) for r in regions]:
+            yield from v.locks.acquire(piece)
+            try:
+                for run in _runs(r for r in piece if not v.migrated.is_set(r)):
+                    offset, length = v.migrated.extent(run.start)[0], _run_bytes(v, run)
+                    if data is None:
+                        yield VolZero(v.name, offset, length)
+                    else:
+                        yield VolWrite(v.name, offset, data[offset - base:offset - base + length])
+                    written.append(run)
+            finally:
+                v.locks.release(piece)
+        runs = _runs(r for run in written for r in run)
+        if runs:
+            v.syncer.wrote()
+            yield from v.syncer.sync()          # the data durable before their bits
+            for i, run in enumerate(runs):
+                yield from v.maps["migrated"].update(v.migrated.set_regions(run), sync=i == len(runs) - 1)
         return wire.ok(skipped=not runs)
 
     def _h_dual_write(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:

@@ -42,8 +42,9 @@ SIM_CONFIG = Config(region_bytes=REGION_BYTES, diff_block_bytes=REGION_BYTES // 
                     push_batch_bytes=16 * 1024,
                     push_batch_entries=16, push_cache_bytes=8 * 1024, discard_every_s=0.02, journal_bytes_default=96 * 1024,
                     reorder_bytes_max=64 * 1024, apply_batch_bytes=8 * 1024, pending_hold_max_s=8.0,
-                    handover_timeout_s=2.0, valid_quick_s=0.3, copy_streams=2, resume_check_s=0.2,
-                    activity_retire_s=0.2, activity_idle_s=0.3, lag_samples_max=64, lag_sample_every_s=0.005,
+                    handover_timeout_s=2.0, valid_quick_s=0.3, copy_streams=2, copy_batch_regions=3,
+                    resume_check_s=0.2, activity_retire_s=0.2, activity_idle_s=0.3, lag_samples_max=64,
+                    lag_sample_every_s=0.005,
                     restart_backoff_s=0.05, restart_backoff_max_s=0.5, poll_s=0.05)
 VVOL_RETRY_S = 2.0
 LOAD_S = 1.4                     # how long the hosts write (faults come within it)
