@@ -423,6 +423,8 @@ def _describe(eff: Any) -> str:
         return f"JournalAppend#{eff.op} {eff.group} {[e.seq for e in eff.entries]}"
     if isinstance(eff, E.Log):
         return f"Log {eff.level}: {eff.text}"
+    if isinstance(eff, E.VolWriteMany):
+        return f"VolWriteMany#{eff.op} {[(v, o, len(d)) for v, o, d in eff.writes]}"
     fields = {k: getattr(eff, k) for k in getattr(eff, "__slots__", ()) if k not in ("data", "record", "entries")}
     return f"{name} {fields}"
 

@@ -258,12 +258,12 @@ def test_defect3_a_background_task_that_fails_is_restarted_and_reported() -> Non
     broken = {"n": 0}
 
     def storage(d, eff):  # noqa: ANN001
-        if isinstance(eff, E.JournalRead) and broken["n"] < 1:
+        if isinstance(eff, E.JournalSync) and broken["n"] < 1:
             broken["n"] += 1
-            raise IntegrityError("journal g: entry 1 is corrupt")
+            raise IntegrityError("journal g: cannot sync")
         return real(d, eff)
     h.world.storage = storage  # type: ignore[method-assign]
-    h.write("v1", 0, block("a"))          # its push may read the journal at once
+    h.write("v1", 0, block("a"))          # its push syncs the journal at once
     pump(h, 2)
     assert broken["n"] == 1 and "IntegrityError" in h.core.task_errors.get("push-v1", "")
     assert h.core.status()["task_errors"]                         # it shows
