@@ -126,11 +126,13 @@ class NodeStorage:
             self.stores[eff.volume].write(eff.offset, eff.data)
         elif isinstance(eff, E.VolRead):
             store = self.stores[eff.volume]
-            if eff.sparse and store.is_hole(eff.offset, eff.length):
-                return None
+            if eff.sparse:
+                return store.read_sparse(eff.offset, eff.length)
             return store.read(eff.offset, eff.length)
         elif isinstance(eff, E.VolHoleRun):
             return self.stores[eff.volume].hole_run(eff.offset, eff.length)
+        elif isinstance(eff, E.VolExtents):
+            return self.stores[eff.volume].extents(eff.offset, eff.length, eff.limit)
         elif isinstance(eff, E.VolSync):
             self.stores[eff.volume].flush()
         elif isinstance(eff, E.VolZero):

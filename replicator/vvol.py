@@ -104,9 +104,28 @@ def _is_dead(h: Any) -> bool:
         return True
 
 
+def block_status(h: Any, count: int, offset: int) -> list[tuple[int, int, bool]]:
+    """libnbd block status ("base:allocation") as (offset, length, hole) runs from ``offset``."""
+    import nbd
+    if not h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
+        return [(offset, count, False)]
+    out: list[tuple[int, int, bool]] = []
+    zeros = nbd.STATE_HOLE | nbd.STATE_ZERO          # a hole that reads as zeros; anything else is data
+
+    def got(context: str, start: int, entries: list[int], err: Any) -> int:
+        if context == nbd.CONTEXT_BASE_ALLOCATION:
+            for length, flags in zip(entries[::2], entries[1::2]):
+                out.append((start, length, (flags & zeros) == zeros))
+                start += length
+        return 0
+    h.block_status(count, offset, got)
+    return out or [(offset, count, False)]
+
+
 def connect(uri: str) -> Any:
     import nbd
     h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)   # block status is forwarded
     h.connect_uri(uri)
     return h
 
@@ -209,6 +228,10 @@ class VirtualVolumes:
         import nbd
         flags = nbd.CMD_FLAG_FUA if fua else 0
         self.forward(vv, lambda h: h.zero(count, offset, flags))
+
+    def extents(self, vv: VirtualVolume, count: int, offset: int) -> list[tuple[int, int, bool]]:
+        """Block status of the target: (offset, length, hole) runs; all data if it has none."""
+        return self.forward(vv, lambda h: block_status(h, count, offset))
 
     # ------------------------------------------------------------------ control
     def _h_ping(self, msg: wire.Message) -> wire.Message:

@@ -28,6 +28,7 @@ class Config:
     pending_hold_max_s: float = 120.0       # a host request waits at most this long in PENDING
     handover_timeout_s: float = 30.0        # V2 gives up the handover after this and goes back to THROUGH
     valid_quick_s: float = 3.0              # S807 waits this long for V3 before V2 goes on
+    extents_max: int = 1024                 # NBD block status: runs per answer (the client asks again after)
     copy_hole_regions: int = 256            # dirty regions without data sent as one zero command (initial copy, resync)
     copy_streams: int = 3                   # regions of the background copy in flight at once
     resume_check_s: float = 1.0             # how often suspended pairs try to resume by themselves

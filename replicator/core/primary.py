@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generator
 from .. import wire
 from ..errors import NodeUnreachable, RcopyError, StateError, UsageError
 from . import tables as T
-from .effects import JournalCreate, JournalDelete, VolHoleRun, VolRead, VolZero, Zeros, put
+from .effects import JournalCreate, JournalDelete, VolExtents, VolHoleRun, VolRead, VolZero, Zeros, put
 from .payload import write_data, write_fields
 from .model import PeerVolume, SourceGroupInfo, check_name
 from .runtime import Sleep, Wait
@@ -43,7 +43,7 @@ class PrimarySide:
                 "pair.suspend": self._h_pair_suspend, "pair.resume": self._h_pair_resume,
                 "journal.pull": self._h_journal_pull, "journal.applied": self._h_journal_applied,
                 "volume.read": self._h_volume_read, "volume.write": self._h_volume_write,
-                "volume.flush": self._h_volume_flush}
+                "volume.flush": self._h_volume_flush, "volume.extents": self._h_volume_extents}
 
     # ================================================================== start and restart
     def start(self) -> None:
@@ -183,6 +183,30 @@ class PrimarySide:
                     vol.locks.release(regions)
             data = yield VolRead(vol.name, offset, length)
             return data
+        finally:
+            self.core.mig.done(vol)
+
+    def host_extents(self, vol: "Volume", offset: int, length: int) -> Generator[Any, Any, list[tuple[int, bool]]]:
+        """NBD block status: (length, hole) runs from ``offset`` on. A V2 whose migration has not
+        brought a region here yet answers "data" for it (V1 holds it): never a false hole."""
+        vol.check(offset, length)
+        mode = yield from self.core.mig.admit(vol, write=False)
+        if mode == T.THROUGH:
+            reply = yield from self.core.mig.relay(vol, "volume.extents", offset=offset, length=length)
+            return [(int(n), bool(hole)) for n, hole in reply["extents"]]
+        try:
+            if mode == T.MIGRATING:
+                # Bits only get set while migrating, and a set bit means V2's copy is durable: so
+                # a run judged here stays right while the file is looked at.
+                bits = vol.migrated
+                region = offset // bits.region_bytes
+                here = bits.is_set(region)
+                stop = (region + bits.run(region, bits.nregions, here)) * bits.region_bytes
+                length = min(length, stop - offset)
+                if not here:
+                    return [(length, False)]
+            runs = yield VolExtents(vol.name, offset, length, self.core.cfg.extents_max)
+            return runs
         finally:
             self.core.mig.done(vol)
 
@@ -554,7 +578,8 @@ class PrimarySide:
                 # durable here too (a power loss must not leave us older than the copy we sent).
                 yield from vol.syncer.sync()
                 yield from vol.maps["diff"].update(vol.diff.clear_ranges(runs))   # what was sent, no more
-                vol.copied_bytes += sum(n for _, n in runs)
+                vol.copied_bytes += sum(n for _, n, data in parts if data is not None)
+                vol.zeroed_bytes += sum(n for _, n, data in parts if data is None)
             finally:
                 vol.locks.release(regions)
 
@@ -588,7 +613,7 @@ class PrimarySide:
                 return False                          # the region-by-region copy decides what to do
             yield from vol.syncer.sync()              # as for one region (S1509)
             yield from vol.maps["diff"].update(vol.diff.clear_regions(range(region, region + n)))
-            vol.copied_bytes += length
+            vol.zeroed_bytes += length
             return True
         finally:
             vol.locks.release(regions)
@@ -772,6 +797,11 @@ class PrimarySide:
         data = yield from self.host_read(vol, int(msg["offset"]), length)
         return wire.ok([data])
 
+    def _h_volume_extents(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """Relay path: V1's block status for V2 in THROUGH mode."""
+        runs = yield from self.host_extents(self.core.volume(msg["volume"]), int(msg["offset"]), int(msg["length"]))
+        return wire.ok(extents=[[n, hole] for n, hole in runs])
+
     def _h_volume_write(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """A host write relayed by another node (THROUGH mode, S1105/S1106)."""
         vol = self.core.volume(msg["volume"])
@@ -805,6 +835,7 @@ class PrimarySide:
                 "lag_writes": lag_writes, "lag_bytes": lag_bytes + dirty, "dirty_bytes": dirty,
                 "lag_seconds": round(lag_seconds, 3), "applied_seq": applied, "stored_seq": stored,
                 "journal_used_bytes": journal_used, "copied_bytes": v.copied_bytes,
+                "zeroed_bytes": v.zeroed_bytes,
                 "copy_source_valid": self.core.mig.valid_of(v), **throttle}
 
 

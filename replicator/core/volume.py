@@ -85,7 +85,8 @@ class Volume:
     active_write: dict[int, int] = field(default_factory=dict)  # sync: syncer count after its last write
     writes: int = 0
     bytes_written: int = 0
-    copied_bytes: int = 0
+    copied_bytes: int = 0            # initial copy and resync: data sent as payloads
+    zeroed_bytes: int = 0            # ... and sent as zero commands (holes, all-zero data)
     copier: Any = None                      # the copy task while the pair is copying
 
     @classmethod
