@@ -662,7 +662,6 @@ class PrimarySide:
             raise StateError(f"{core.name}:{vol.name} is already in a pair ({info.role})")
         if info.rw_mode != T.NORMAL or info.migration:
             raise StateError(f"{core.name}:{vol.name} is being migrated")
-        journal_bytes = int(msg.get("journal_bytes") or core.cfg.journal_bytes_default)
         diff_block = int(msg.get("diff_block_bytes") or core.cfg.diff_block_bytes)
         if diff_block < 512 or core.cfg.region_bytes % diff_block:
             raise UsageError(f"the diff block must be at least 512 bytes and divide the region "
@@ -675,15 +674,19 @@ class PrimarySide:
                                      f"all its volumes must go to the same secondary node")
                 if m.info.mode != "async" or m.info.transfer != transfer:
                     raise UsageError(f"group {group} uses {m.info.mode}/{m.info.transfer}")
-            g = yield from self._ensure_group(group, journal_bytes)
+            journal_bytes, reorder_bytes = self._group_limits(msg, group)
+            g = yield from self._ensure_group(group, journal_bytes, reorder_bytes=reorder_bytes)
             next_seq = g.counter
         elif any(m.info.mode == "async" for m in core.members(group)):
             raise UsageError(f"group {group} is an async consistency group")
+        elif msg.get("journal_bytes") or msg.get("reorder_bytes"):
+            raise UsageError("--journal-size and --reorder-buffer are limits of an async group; "
+                             "a sync pair has neither")
         yield from vol.reshape_diff(diff_block)         # still simplex: its diff bits are unused
         yield from core.call(secondary.node, secondary.control, "pair.join", {
             "volume": secondary.volume, "source": vars(core_peer(core, vol.name)), "size": info.size,
             "mode": mode, "group": group, "transfer": transfer, "next_seq": next_seq,
-            "epoch": info.copy_epoch})
+            "epoch": info.copy_epoch, "reorder_bytes": g.info.reorder_bytes if mode == "async" else 0})
         others = core.members(group) if mode == "async" else []
         info.remote_copy_flag = "source"
         info.mode, info.group, info.transfer = mode, group, transfer
@@ -701,12 +704,32 @@ class PrimarySide:
         self.wake_copier(vol)
         return wire.ok(state=info.pair_state, group=group)
 
-    def _ensure_group(self, name: str, journal_bytes: int, counter: int = 1,
-                      head: int | None = None) -> Generator[Any, Any, SourceGroup]:
+    def _group_limits(self, msg: wire.Message, group: str) -> tuple[int, int]:
+        """(journal, reorder buffer) bytes of async group ``group``: those asked (checked) or the
+        defaults; a group that exists keeps its own, and asking it for others is an error."""
+        cfg = self.core.cfg
+        asked = {"journal size": msg.get("journal_bytes"), "reorder buffer": msg.get("reorder_bytes")}
+        bounds = {"journal size": (cfg.journal_bytes_min, 1 << 50), "reorder buffer": cfg.reorder_bytes_bounds}
+        for what, value in asked.items():
+            low, high = bounds[what]
+            if value is not None and (type(value) is not int or not low <= value <= high):
+                raise UsageError(f"the {what} must be from {low} to {high} bytes, not {value!r}")
+        info = self.core.source_group_info.get(group)
+        if info is None:
+            return asked["journal size"] or cfg.journal_bytes_default, asked["reorder buffer"] or 0
+        have = {"journal size": info.journal_bytes, "reorder buffer": info.reorder_bytes or cfg.reorder_bytes_max}
+        for what, value in asked.items():
+            if value is not None and value != have[what]:
+                raise UsageError(f"group {group} has a {what} of {have[what]} bytes; a new member cannot "
+                                 f"change it (leave the option out, or use another group)")
+        return info.journal_bytes, info.reorder_bytes
+
+    def _ensure_group(self, name: str, journal_bytes: int, counter: int = 1, head: int | None = None,
+                      reorder_bytes: int = 0) -> Generator[Any, Any, SourceGroup]:
         g = self.groups.get(name)
         if g is not None:
             return g
-        info = SourceGroupInfo(name, journal_bytes)
+        info = SourceGroupInfo(name, journal_bytes, reorder_bytes)
         g = SourceGroup(self.core, info)
         g.counter, g.stored, g.durable, g.applied, g.discarded = counter, counter - 1, counter - 1, counter - 1, counter - 1
         g.transferred, g.next_send = counter - 1, counter
