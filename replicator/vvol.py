@@ -93,7 +93,6 @@ class VirtualVolume:
     held_ms_max: float = 0.0
     idle: list[Any] = field(default_factory=list)    # connections to the target not in use now
 
-
     def record(self) -> dict[str, Any]:
         return {"target": self.target, "target_uri": self.target_uri, "size": self.size}
 
@@ -211,6 +210,7 @@ class VirtualVolumes:
                         raise TargetError(f"{vv.target}: {exc}", code or errno.EIO) from None
                     if h is not None:
                         self._close(h)
+                    self._close_idle(vv)           # the others to that target are likely dead too
                     log.info("%s: connection to %s lost (%s); retrying", vv.name, vv.target, exc)
                     if time.monotonic() > deadline:
                         raise TargetError(f"{vv.target} unreachable for {RETRY_S:g} s: {exc}", errno.EIO) from None

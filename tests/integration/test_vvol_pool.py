@@ -61,3 +61,17 @@ def test_a_virtual_volume_keeps_one_connection_per_request_in_flight(started):
         assert connections(t) == 1
     finally:
         host.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_pairs_and_groups_add_no_thread_to_a_node(started):
+    """Eight async groups and four sync pairs: the nodes run as many threads as with none."""
+    t = started
+    base = {n: threads(t, n) for n in ("site-a1", "site-b")}
+    for i in range(12):
+        t.volume_create(f"site-a1:p{i}", 4 * MiB)
+        t.volume_create(f"site-b:s{i}", 4 * MiB)
+        t.pair_create(f"site-a1:p{i}", f"site-b:s{i}", mode="async" if i < 8 else "sync")
+    for i in range(12):
+        t.wait_duplex(f"site-a1:p{i}", 60)
+    assert {n: threads(t, n) for n in base} == base
