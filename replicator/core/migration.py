@@ -53,6 +53,7 @@ class Migrations:
         self.saved_stage: dict[str, str] = {}    # source migration id -> its stage as last made durable
         self.moved: dict[str, list[int]] = {}    # at V1, migration id -> [bytes sent with data, bytes zeroed]
         self.moved_seen: dict[str, tuple[int, int]] = {}   # at V2: what V1 last reported of it
+        self.fetched: dict[str, set[int]] = {}   # at V1, volume -> regions V2 fetched (memory only)
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -671,7 +672,8 @@ class Migrations:
                             moved[1] += sum(v.migrated.extent(r)[1] for r in run)
                         else:
                             sent = yield from self._push_region(v, target, region)
-                            moved[0 if sent else 1] += sent or v.migrated.extent(region)[1]
+                            if sent is not None:          # None: V2 had fetched it (counted then)
+                                moved[0 if sent else 1] += sent or v.migrated.extent(region)[1]
                         yield from v.maps["migrated"].update(v.migrated.set_regions(run))   # S915
                         state["copied"] += sum(v.migrated.extent(r)[1] for r in run)
                         elapsed = max(core.rt.now - state["start"], 1e-6)
@@ -692,6 +694,7 @@ class Migrations:
                 core.rt.spawn(stream(), f"copy-stream-{v.name}-{i}", on_exit=lambda t, e, r: None)
             while state["running"] > 0:
                 yield Wait(key)
+        self.fetched.pop(v.name, None)
 
     def _push_holes(self, v: "Volume", target: PeerVolume, region: int,
                     taken: set[int]) -> Generator[Any, Any, int]:
@@ -723,9 +726,12 @@ class Migrations:
         finally:                                 # the caller releases what it returns
             taken.difference_update(range(region + max(n, 1), region + run))
 
-    def _push_region(self, v: "Volume", target: PeerVolume, region: int) -> Generator[Any, Any, int]:
-        """Send one region to V2, retrying while it does not answer; the data bytes sent (0: zeros)."""
+    def _push_region(self, v: "Volume", target: PeerVolume, region: int) -> Generator[Any, Any, int | None]:
+        """Send one region to V2, retrying while it does not answer; the data bytes sent (0: zeros;
+        None: V2 had fetched it and only confirms it, so it is not sent twice)."""
         while True:
+            if region in self.fetched.get(v.name, ()) and (yield from self._holds(target, region)):
+                return None
             offset, length = v.migrated.extent(region)
             data = yield VolRead(v.name, offset, length, sparse=True)
             try:
@@ -736,6 +742,15 @@ class Migrations:
             except RcopyError as exc:
                 self.core.log("warning", f"background copy to {target.node} paused: {exc}")
                 yield Sleep(1.0)
+
+    def _holds(self, target: PeerVolume, region: int) -> Generator[Any, Any, bool]:
+        """Does V2 hold ``region`` already (its migrated bit is set)? False if it cannot say."""
+        try:
+            reply = yield from self.core.call(target.node, target.control, "mig.region", {
+                "volume": target.volume, "region": region, "held": True}, timeout_s=self.core.cfg.peer_timeout_s)
+        except RcopyError:
+            return False
+        return bool(reply.get("skipped"))
 
     def _h_fetch(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """Serve an on-demand fetch (S1113/S1506). V1's bit is set by the background copy once V2
@@ -751,6 +766,7 @@ class Migrations:
         sm = self.source_of(v)
         if sm is not None:
             self.moved.setdefault(sm.id, [0, 0])[0 if data is not None else 1] += length
+        self.fetched.setdefault(v.name, set()).add(region)
         return wire.ok([data] if data is not None else [], zero=length if data is None else 0)
 
     def _h_region(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
@@ -772,6 +788,8 @@ class Migrations:
         try:
             if v.migrated.is_set(region):
                 return wire.ok(skipped=True)
+            if msg.get("held"):                 # V1 asked whether we fetched it: no, send it after all
+                return wire.ok(skipped=False)
             if msg.get("zero"):
                 yield VolZero(v.name, offset, length)
             elif msg.payloads and len(msg.payloads[0]) == length:
