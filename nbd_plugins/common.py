@@ -60,6 +60,16 @@ def can_trim(h):
     return True  # TRIM: the range reads as zeros afterwards on every replica (a thin volume shrinks)
 
 
+def can_extents(h):
+    return True  # NBD block status: the holes of the volume file (a V2 still migrating: see the engine)
+
+
+def block_status(extents):
+    """The engine's (offset, length, hole) runs as nbdkit extents (a hole reads as zeros)."""
+    hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+    return [(offset, length, hole if is_hole else 0) for offset, length, is_hole in extents]
+
+
 def setup_logging(path, level="INFO"):
     """Log to ``path``; ``kill -USR1 PID`` appends every thread's Python stack to stacks.log beside it."""
     logging.basicConfig(filename=path, level=getattr(logging, str(level).upper(), logging.INFO),

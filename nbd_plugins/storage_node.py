@@ -12,8 +12,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
-from nbd_plugins.common import (API_VERSION, can_fast_zero, can_fua, can_flush, can_multi_conn,  # noqa: E402,F401
-                                can_trim, can_write, can_zero, default_export, fail,
+from nbd_plugins.common import (API_VERSION, block_status, can_extents, can_fast_zero,  # noqa: E402,F401
+                                can_fua, can_flush, can_multi_conn, can_trim, can_write, can_zero,
+                                default_export, fail,
                                 logged_start, setup_logging, thread_model)
 
 _config: dict = {}
@@ -97,5 +98,13 @@ def zero(h, count, offset, flags):
     """WRITE_ZEROES (also a fast zero): a punched hole, replicated as a command without payload."""
     try:
         _node.zero(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
+    except Exception as exc:
+        fail(exc)
+
+
+def extents(h, count, offset, flags):
+    """NBD block status: where the volume has holes (read as zeros) and where data."""
+    try:
+        return block_status(_node.extents(h, count, offset))
     except Exception as exc:
         fail(exc)

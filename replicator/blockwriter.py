@@ -12,7 +12,9 @@ CLI (``main``)::
     python -m replicator.blockwriter check --image I [--image I2] --log L [--blocks N]
                                            [--require-complete]
 
-Both print JSON. ``write`` exits 0, or 1 if a device error stopped it (the log is
+A device may also be an NBD URI (``nbd+unix:///app1?socket=...``): the writer then writes
+through libnbd, so a whole consistency group of virtual volumes can be written in one order
+without attaching them. Both print JSON. ``write`` exits 0, or 1 if a device error stopped it (the log is
 still valid); ``check`` exits 0 if consistent (and complete when required), else 1.
 Exit 2 is a usage or I/O error of the tool itself.
 """
@@ -35,7 +37,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from . import checker
+from . import checker, process
 from .checker import BLOCK_BYTES, Verdict, WriteLog
 from .errors import IntegrityError, RcopyError, UsageError
 
@@ -85,6 +87,58 @@ def _ensure_size(fd: int, path: str, size_bytes: int) -> None:
         raise UsageError(f"{path} holds {have} bytes, fewer than the {size_bytes} asked for")
 
 
+class _NbdTarget:
+    """A device given as an NBD URI: writes through libnbd (the FUA flag for ``dsync``)."""
+
+    def __init__(self, uri: str, dsync: bool, size_bytes: int) -> None:
+        import nbd
+        self.uri, self.h = uri, nbd.NBD()
+        self.flags = nbd.CMD_FLAG_FUA if dsync else 0
+        try:
+            self.h.connect_uri(uri)
+        except nbd.Error as e:
+            raise RcopyError(f"cannot connect to {uri}: {e.string}") from None
+        have = self.h.get_size()
+        if have < size_bytes:
+            self.close()
+            raise UsageError(f"{uri} holds {have} bytes, fewer than the {size_bytes} asked for")
+
+    def pwrite(self, buf: Any, offset: int) -> int:
+        import nbd
+        try:
+            self.h.pwrite(bytes(buf), offset, self.flags)
+        except nbd.Error as e:
+            raise OSError(e.errno or errno.EIO, e.string) from None
+        return len(buf)
+
+    def close(self) -> None:
+        self.h.shutdown()
+
+
+class _FdTarget:
+    """A device or file: pwrite on its descriptor."""
+
+    def __init__(self, path: str, flags: int, direct: bool, size_bytes: int) -> None:
+        self.fd, self.direct = _open(path, flags, direct)
+        try:
+            _ensure_size(self.fd, path, size_bytes)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def pwrite(self, buf: Any, offset: int) -> int:
+        return os.pwrite(self.fd, buf, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _target(path: str, flags: int, direct: bool, dsync: bool, size_bytes: int) -> "_NbdTarget | _FdTarget":
+    if path.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
+        return _NbdTarget(path, dsync, size_bytes)
+    return _FdTarget(path, flags, direct, size_bytes)
+
+
 def _log(fd: int, line: bytes) -> None:
     # One unbuffered write per line to an O_APPEND file: a kill -9 loses nothing written.
     while line:
@@ -112,13 +166,11 @@ def write(devices: Sequence[str], log_path: str, blocks: int, count: int | None 
     seq = 0
     reason, error, err_no = "stopped", None, None
     with ExitStack() as stack:
-        fds, direct_used = [], []
+        targets = []
         for path in devices:
-            fd, used = _open(path, flags, direct)
-            stack.callback(os.close, fd)
-            _ensure_size(fd, path, blocks * BLOCK_BYTES)
-            fds.append(fd)
-            direct_used.append(used)
+            target = _target(path, flags, direct, dsync, blocks * BLOCK_BYTES)
+            stack.callback(target.close)
+            targets.append(target)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         stack.callback(os.close, log_fd)
         buf = stack.enter_context(mmap.mmap(-1, BLOCK_BYTES))  # page-aligned, as O_DIRECT needs
@@ -135,11 +187,11 @@ def write(devices: Sequence[str], log_path: str, blocks: int, count: int | None 
             if stop_event is not None and stop_event.is_set():
                 break
             seq += 1
-            volume, block = seq % len(fds), rng.randrange(blocks)
+            volume, block = seq % len(targets), rng.randrange(blocks)
             buf[:] = checker.make_block(run_id, seq, volume, block)
             _log(log_fd, checker.log_issued(seq, volume, block))
             try:
-                done = os.pwrite(fds[volume], buf, block * BLOCK_BYTES)
+                done = targets[volume].pwrite(buf, block * BLOCK_BYTES)
                 if done != BLOCK_BYTES:
                     raise OSError(errno.EIO, f"short write of {done} bytes")
             except OSError as e:
@@ -154,7 +206,7 @@ def write(devices: Sequence[str], log_path: str, blocks: int, count: int | None 
         acked=seq - (reason == "device-error"), elapsed_s=round(elapsed_s, 3),
         stop_reason=reason, error=error,
         errno_name=errno.errorcode.get(err_no, str(err_no)) if err_no is not None else None,
-        direct=all(direct_used), dsync=dsync)
+        direct=all(getattr(x, "direct", False) for x in targets), dsync=dsync)
 
 
 def read_log(path: str) -> WriteLog:
@@ -219,6 +271,13 @@ def check(images: Sequence[str], log_path: str, blocks: int | None = None,
         return checker.analyse(wlog.records, readers, blocks, run_id=wlog.run_id)
 
 
+def check_paused(images: Sequence[str], log_path: str, pid: int, blocks: int | None = None) -> Verdict:
+    """``check`` while process ``pid`` (the secondary's node) is held still: its images at one
+    point of its apply, page cache included, while the writer goes on writing."""
+    with process.paused(pid):
+        return check(images, log_path, blocks, direct=False)
+
+
 # ------------------------------------------------------------------ CLI
 def _cmd_write(args: argparse.Namespace) -> int:
     stop = threading.Event()
@@ -248,7 +307,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m replicator.bl
                                 "write self-describing blocks, then check copies of them.")
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write random 4 KiB blocks at QD1 and log each write")
-    w.add_argument("--device", action="append", required=True, help="a volume (repeat for more)")
+    w.add_argument("--device", action="append", required=True,
+                   help="a volume: a device, a file or an NBD URI (repeat for more)")
     w.add_argument("--log", required=True, help="write log to create (truncated)")
     w.add_argument("--blocks", type=int, required=True, help="4 KiB blocks used per volume")
     limit = w.add_mutually_exclusive_group()

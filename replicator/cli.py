@@ -67,7 +67,8 @@ def cmd_pair(args: argparse.Namespace) -> int:
         r = term.pair_create(args.primary, args.secondary, args.mode, args.group, args.transfer,
                              parse_size(args.journal_size) if args.journal_size else None,
                              auto_resume=not args.no_auto_resume,
-                             diff_block_bytes=parse_size(args.diff_block) if args.diff_block else None)
+                             diff_block_bytes=parse_size(args.diff_block) if args.diff_block else None,
+                             reorder_bytes=parse_size(args.reorder_buffer) if args.reorder_buffer else None)
         if args.wait:
             r = term.wait_duplex(args.primary)
         _emit(args, r, f"pair {args.primary} -> {args.secondary} ({args.mode}): {r['state']}")
@@ -377,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group", help="consistency group (async; default: the primary volume's name)")
     c.add_argument("--transfer", choices=["push", "pull"], default="push")
     c.add_argument("--journal-size", help="journal capacity for a new async group (default 256M)")
+    c.add_argument("--reorder-buffer", help="memory the secondary may hold for a new async group's entries "
+                                            "that wait for a gap (default 256M; 1M to 16G)")
     c.add_argument("--diff-block", help="bytes the diff bitmap tracks per bit while suspended or copying "
                                         "(default 4K; 512 up to the 1M region)")
     c.add_argument("--wait", action="store_true", help="return when the initial copy is done")

@@ -38,16 +38,19 @@ class NodeCollector(Collector):
         lag_s = GaugeMetricFamily("rcopy_pair_lag_seconds", "Age of the oldest write not yet applied at the secondary",
                                   labels=["primary", "secondary"])
         state = GaugeMetricFamily("rcopy_pair_state", "1 for the pair's current state", labels=["primary", "state"])
-        copied = CounterMetricFamily("rcopy_pair_copied_bytes", "Bytes sent by initial copy and resync",
+        copied = CounterMetricFamily("rcopy_pair_copied_bytes", "Data bytes sent by initial copy and resync",
                                      labels=["primary"])
+        zeroed = CounterMetricFamily("rcopy_pair_zeroed_bytes", "Bytes initial copy and resync sent as zero "
+                                     "commands (holes, all-zero data)", labels=["primary"])
         for p in st["pairs"]:
             lag_w.add_metric([p["primary"], p["secondary"]], p["lag_writes"])
             lag_b.add_metric([p["primary"], p["secondary"]], p["lag_bytes"])
             lag_s.add_metric([p["primary"], p["secondary"]], p.get("lag_seconds", 0.0))
             copied.add_metric([p["primary"]], p["copied_bytes"])
+            zeroed.add_metric([p["primary"]], p.get("zeroed_bytes", 0))
             for s in PAIR_STATES:
                 state.add_metric([p["primary"], s], 1.0 if p["state"] == s else 0.0)
-        yield from (lag_w, lag_b, lag_s, state, copied)
+        yield from (lag_w, lag_b, lag_s, state, copied, zeroed)
 
         seq = GaugeMetricFamily("rcopy_sequence", "Sequence numbers of a consistency group",
                                 labels=["node", "group", "pointer"])

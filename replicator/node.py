@@ -60,7 +60,7 @@ class Node:
 
     # ------------------------------------------------------------------ NBD callbacks
     def _host(self, op: str, volume: str, offset: int = 0, length: int = 0, data: Any = None,
-              fua: bool = False) -> bytes | None:
+              fua: bool = False) -> Any:
         req = HostRequest()
         self.driver.feed(HostIo(req, op, volume, offset, length, data, fua), req)
         return req.wait()
@@ -81,6 +81,15 @@ class Node:
 
     def zero(self, volume: str, length: int, offset: int, fua: bool = False) -> None:
         self._host("zero", volume, offset, length, fua=fua)
+
+    def extents(self, volume: str, length: int, offset: int) -> list[tuple[int, int, bool]]:
+        """NBD block status: (offset, length, hole) from ``offset`` on (possibly fewer bytes)."""
+        runs = self._host("extents", volume, offset, length)
+        out = []
+        for n, hole in runs or [(length, False)]:
+            out.append((offset, n, hole))
+            offset += n
+        return out
 
     def size(self, volume: str) -> int:
         def get() -> int:

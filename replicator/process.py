@@ -4,6 +4,7 @@ Processes are tracked by PID files only; nothing is ever killed by name.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,12 +12,24 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Iterator
 
 from .errors import RcopyError, StateError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = REPO_ROOT / "nbd_plugins"
 PIDFILE_WAIT_S = 10.0
+
+
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """Hold process ``pid`` still (SIGSTOP) for the block, e.g. to read a secondary's images at one
+    point of its apply; SIGCONT however the block ends."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def python_path() -> str:

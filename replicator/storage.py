@@ -140,8 +140,8 @@ class NodeStorage:
 
     def _vol_read(self, eff: E.VolRead) -> bytes | None:
         store = self.stores[eff.volume]
-        if eff.sparse and store.is_hole(eff.offset, eff.length):
-            return None
+        if eff.sparse:
+            return store.read_sparse(eff.offset, eff.length)
         return store.read(eff.offset, eff.length)
 
     def _bitmap_create(self, eff: E.BitmapCreate) -> None:
@@ -168,6 +168,7 @@ class NodeStorage:
         E.VolWriteMany: _vol_write_many,
         E.VolRead: _vol_read,
         E.VolHoleRun: lambda self, eff: self.stores[eff.volume].hole_run(eff.offset, eff.length),
+        E.VolExtents: lambda self, eff: self.stores[eff.volume].extents(eff.offset, eff.length, eff.limit),
         E.VolSync: lambda self, eff: self.stores[eff.volume].flush(),
         E.VolZero: lambda self, eff: self.stores[eff.volume].zero(eff.offset, eff.length),
         E.BitmapPut: lambda self, eff: os.pwrite(self.bitmaps[(eff.volume, eff.kind)], eff.data,

@@ -115,9 +115,10 @@ class Terminal:
 
     def pair_create(self, primary: str, secondary: str, mode: str, group: str | None = None,
                     transfer: str = "push", journal_bytes: int | None = None,
-                    auto_resume: bool = True, diff_block_bytes: int | None = None) -> dict[str, Any]:
+                    auto_resume: bool = True, diff_block_bytes: int | None = None,
+                    reorder_bytes: int | None = None) -> dict[str, Any]:
         return self.run(P.pair_create(self.d, primary, secondary, mode, group, transfer, journal_bytes, auto_resume,
-                                      diff_block_bytes))
+                                      diff_block_bytes, reorder_bytes))
 
     def pair_command(self, command: str, primary: str, **fields: Any) -> dict[str, Any]:
         return self.run(P.pair_command(self.d, command, primary, **fields))

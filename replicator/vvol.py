@@ -91,6 +91,7 @@ class VirtualVolume:
     gate: Gate = field(default_factory=Gate)
     requests: int = 0
     held_ms_max: float = 0.0
+    idle: list[Any] = field(default_factory=list)    # connections to the target not in use now
 
     def record(self) -> dict[str, Any]:
         return {"target": self.target, "target_uri": self.target_uri, "size": self.size}
@@ -104,9 +105,28 @@ def _is_dead(h: Any) -> bool:
         return True
 
 
+def block_status(h: Any, count: int, offset: int) -> list[tuple[int, int, bool]]:
+    """libnbd block status ("base:allocation") as (offset, length, hole) runs from ``offset``."""
+    import nbd
+    if not h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
+        return [(offset, count, False)]
+    out: list[tuple[int, int, bool]] = []
+    zeros = nbd.STATE_HOLE | nbd.STATE_ZERO          # a hole that reads as zeros; anything else is data
+
+    def got(context: str, start: int, entries: list[int], err: Any) -> int:
+        if context == nbd.CONTEXT_BASE_ALLOCATION:
+            for length, flags in zip(entries[::2], entries[1::2]):
+                out.append((start, length, (flags & zeros) == zeros))
+                start += length
+        return 0
+    h.block_status(count, offset, got)
+    return out or [(offset, count, False)]
+
+
 def connect(uri: str) -> Any:
     import nbd
     h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)   # block status is forwarded
     h.connect_uri(uri)
     return h
 
@@ -121,7 +141,9 @@ class VirtualVolumes:
         self.connect = connector
         self.lock = threading.Lock()
         self.vvols: dict[str, VirtualVolume] = {}
-        self._handles: dict[tuple[int, str], tuple[int, Any]] = {}  # (OS thread, vvol) -> (gen, handle)
+        # Connections to targets are pooled per virtual volume: as many as requests were ever in
+        # flight at once, not one per nbdkit thread (each costs the node nbdkit's threads).
+        self._pool_lock = threading.Lock()
         if self.path.exists():
             for name, rec in json.loads(self.path.read_text()).items():
                 self.vvols[name] = VirtualVolume(name, rec["target"], rec["target_uri"], rec["size"])
@@ -138,21 +160,27 @@ class VirtualVolumes:
             raise NotFound(f"no virtual volume {name!r}") from None
 
     # ------------------------------------------------------------------ forwarding
-    def _handle(self, vv: VirtualVolume) -> Any:
-        key = (threading.get_ident(), vv.name)
-        cached = self._handles.get(key)
-        if cached is not None and cached[0] == vv.generation:
-            return cached[1]
-        if cached is not None:
-            self._close(cached[1])
-        h = self.connect(vv.target_uri)
-        self._handles[key] = (vv.generation, h)
-        return h
+    def _take(self, vv: VirtualVolume) -> tuple[int, Any]:
+        """An idle connection to the current target, or a new one; with the generation it is for."""
+        with self._pool_lock:
+            gen, uri = vv.generation, vv.target_uri
+            if vv.idle:
+                return gen, vv.idle.pop()
+        return gen, self.connect(uri)
 
-    def _drop(self, vv: VirtualVolume) -> None:
-        cached = self._handles.pop((threading.get_ident(), vv.name), None)
-        if cached is not None:
-            self._close(cached[1])
+    def _give(self, vv: VirtualVolume, gen: int, h: Any) -> None:
+        """Back to the pool; a connection to a target switched away from meanwhile is closed."""
+        with self._pool_lock:
+            if gen == vv.generation and vv.name in self.vvols:
+                vv.idle.append(h)
+                return
+        self._close(h)
+
+    def _close_idle(self, vv: VirtualVolume) -> None:
+        with self._pool_lock:
+            idle, vv.idle = vv.idle, []
+        for h in idle:
+            self._close(h)
 
     @staticmethod
     def _close(h: Any) -> None:
@@ -170,23 +198,26 @@ class VirtualVolumes:
                 vv.held_ms_max = max(vv.held_ms_max, held * 1000)
             deadline = time.monotonic() + RETRY_S
             while True:
-                h = None
+                gen, h = vv.generation, None
                 try:
-                    h = self._handle(vv)
-                    return op(h)
-                except RcopyError:
-                    raise
+                    gen, h = self._take(vv)
+                    result = op(h)
                 except Exception as exc:
                     code = getattr(exc, "errno", None)
                     dead = h is None or code in CONNECTION_ERRNOS or code is None or _is_dead(h)
-                    if dead:
-                        self._drop(vv)
-                    else:
+                    if not dead:
+                        self._give(vv, gen, h)
                         raise TargetError(f"{vv.target}: {exc}", code or errno.EIO) from None
+                    if h is not None:
+                        self._close(h)
+                    self._close_idle(vv)           # the others to that target are likely dead too
                     log.info("%s: connection to %s lost (%s); retrying", vv.name, vv.target, exc)
                     if time.monotonic() > deadline:
                         raise TargetError(f"{vv.target} unreachable for {RETRY_S:g} s: {exc}", errno.EIO) from None
                     time.sleep(0.1)
+                else:
+                    self._give(vv, gen, h)
+                    return result
         finally:
             vv.gate.exit()
 
@@ -209,6 +240,10 @@ class VirtualVolumes:
         import nbd
         flags = nbd.CMD_FLAG_FUA if fua else 0
         self.forward(vv, lambda h: h.zero(count, offset, flags))
+
+    def extents(self, vv: VirtualVolume, count: int, offset: int) -> list[tuple[int, int, bool]]:
+        """Block status of the target: (offset, length, hole) runs; all data if it has none."""
+        return self.forward(vv, lambda h: block_status(h, count, offset))
 
     # ------------------------------------------------------------------ control
     def _h_ping(self, msg: wire.Message) -> wire.Message:
@@ -244,6 +279,7 @@ class VirtualVolumes:
                 raise StateError(f"virtual volume {vv.name} has I/O in flight")
             del self.vvols[vv.name]
             self._save()
+        self._close_idle(vv)
         return wire.ok()
 
     def switch(self, name: str, target: str, uri: str) -> dict[str, Any]:
@@ -257,10 +293,11 @@ class VirtualVolumes:
             raise StateError(f"{name}: requests still in flight after {HOLD_TIMEOUT_S:g} s; switch cancelled")
         drained = time.monotonic()
         try:
-            with self.lock:
+            with self.lock, self._pool_lock:
                 vv.target, vv.target_uri = target, uri
                 vv.generation += 1
                 self._save()
+            self._close_idle(vv)        # nothing is in flight: every connection to the old target
         finally:
             vv.gate.release()
         held_ms = (time.monotonic() - t0) * 1000
@@ -274,7 +311,7 @@ class VirtualVolumes:
 
     def _h_list(self, msg: wire.Message) -> wire.Message:
         return wire.ok(vvols=[{"name": v.name, "target": v.target, "target_uri": v.target_uri,
-                               "size": v.size, "inflight": v.gate.inflight, "requests": v.requests,
+                               "size": v.size, "inflight": v.gate.inflight, "requests": v.requests, "connections_idle": len(v.idle),
                                "held_ms_max": round(v.held_ms_max, 2)} for v in self.vvols.values()])
 
     def handle(self, msg: wire.Message) -> wire.Message:

@@ -26,11 +26,15 @@ class Config:
     journal_bytes_default: int = 256 * MiB
     journal_high_water: float = 0.8         # past this fill, async host writes are slowed (back-pressure)
     throttle_max_s: float = 0.5             # by this * x * x per write, x = how far past the mark (0..1)
-    reorder_bytes_max: int = 256 * MiB      # the secondary's buffer of entries waiting for a gap
+    journal_bytes_min: int = 1024           # pair create --journal-size: at least this (one 512-byte write)
+    reorder_bytes_max: int = 256 * MiB      # default per async group: the secondary's buffer of entries
+                                            # waiting for a gap (pair create --reorder-buffer)
+    reorder_bytes_bounds: tuple[int, int] = (MiB, 16 << 30)   # what --reorder-buffer may ask
     apply_batch_bytes: int = 8 * MiB        # entries applied per durable batch at the secondary
     pending_hold_max_s: float = 120.0       # a host request waits at most this long in PENDING
     handover_timeout_s: float = 30.0        # V2 gives up the handover after this and goes back to THROUGH
     valid_quick_s: float = 3.0              # S807 waits this long for V3 before V2 goes on
+    extents_max: int = 1024                 # NBD block status: runs per answer (the client asks again after)
     copy_hole_regions: int = 256            # dirty regions without data sent as one zero command (initial copy, resync)
     copy_batch_regions: int = 8             # background copy: a run of up to this many regions per message, one sync
     copy_streams: int = 4                   # background copy messages in flight at once (so up to 32 MiB)

@@ -44,7 +44,8 @@ def put(volume: str, offset: int, data: "bytes | memoryview | Zeros") -> "VolWri
 
 @dataclass(slots=True, eq=False)
 class VolRead(Effect):
-    """Read bytes; with ``sparse``, None if the range holds no data (reads as zeros)."""
+    """Read bytes; with ``sparse``, None if the range reads as zeros (a hole, or allocated data
+    that is all zero bytes: a copy sends it as a zero command, not a payload)."""
 
     volume: str
     offset: int
@@ -76,6 +77,17 @@ class VolHoleRun(Effect):
     volume: str
     offset: int
     length: int
+
+
+@dataclass(slots=True, eq=False)
+class VolExtents(Effect):
+    """NBD block status: (length, hole) runs from ``offset`` on, covering at most ``length``
+    bytes and at most ``limit`` runs (SEEK_DATA / SEEK_HOLE of the volume file)."""
+
+    volume: str
+    offset: int
+    length: int
+    limit: int
 
 
 @dataclass(slots=True, eq=False)
@@ -250,10 +262,10 @@ class Reply:
 
 @dataclass(slots=True, eq=False)
 class HostDone:
-    """A host request finished: ``data`` for a read, or ``error`` (an RcopyError)."""
+    """A host request finished: ``data`` for a read (runs for extents), or ``error`` (an RcopyError)."""
 
     req: Any
-    data: bytes | None = None
+    data: Any = None
     error: BaseException | None = None
 
 

@@ -76,6 +76,7 @@ class Migrations:
         self.saved_stage: dict[str, str] = {}    # source migration id -> its stage as last made durable
         self.moved: dict[str, list[int]] = {}    # at V1, migration id -> [bytes sent with data, bytes zeroed]
         self.moved_seen: dict[str, tuple[int, int]] = {}   # at V2: what V1 last reported of it
+        self.fetched: dict[str, set[int]] = {}   # at V1, volume -> regions V2 fetched (memory only)
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -692,8 +693,13 @@ class Migrations:
                         if n:
                             run = range(region, region + n)
                             moved[1] += _run_bytes(v, run)
+                        elif region in self.fetched.get(v.name, ()) and (yield from self._holds(target, region)):
+                            pass                # V2 fetched it on access (counted then): not sent twice
                         else:
-                            run = range(region, region + _free_run(v, region, core.cfg.copy_batch_regions, taken))
+                            fetched = self.fetched.get(v.name, ())
+                            n = _free_run(v, region, core.cfg.copy_batch_regions, taken)
+                            n = next((i for i in range(1, n) if region + i in fetched), n)   # asked one by one
+                            run = range(region, region + n)
                             taken.update(run)
                             sent = yield from self._push_regions(v, target, run)
                             moved[0 if sent else 1] += sent or _run_bytes(v, run)
@@ -717,6 +723,7 @@ class Migrations:
                 core.rt.spawn(stream(), f"copy-stream-{v.name}-{i}", on_exit=lambda t, e, r: None)
             while state["running"] > 0:
                 yield Wait(key)
+        self.fetched.pop(v.name, None)
 
     def _push_holes(self, v: "Volume", target: PeerVolume, region: int,
                     taken: set[int]) -> Generator[Any, Any, int]:
@@ -763,6 +770,15 @@ class Migrations:
                 self.core.log("warning", f"background copy to {target.node} paused: {exc}")
                 yield Sleep(1.0)
 
+    def _holds(self, target: PeerVolume, region: int) -> Generator[Any, Any, bool]:
+        """Does V2 hold ``region`` already (its migrated bit is set)? False if it cannot say."""
+        try:
+            reply = yield from self.core.call(target.node, target.control, "mig.region", {
+                "volume": target.volume, "region": region, "held": True}, timeout_s=self.core.cfg.peer_timeout_s)
+        except RcopyError:
+            return False
+        return bool(reply.get("skipped"))
+
     def _h_fetch(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """Serve an on-demand fetch (S1113/S1506). V1's bit is set by the background copy once V2
         confirms it holds the region (it answers "skipped" for fetched ones)."""
@@ -777,6 +793,7 @@ class Migrations:
         sm = self.source_of(v)
         if sm is not None:
             self.moved.setdefault(sm.id, [0, 0])[0 if data is not None else 1] += length
+        self.fetched.setdefault(v.name, set()).add(region)
         return wire.ok([data] if data is not None else [], zero=length if data is None else 0)
 
     def _h_region(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
@@ -788,6 +805,8 @@ class Migrations:
         tm = self.target_of(v)
         if tm is None or tm.phase not in (T.TRANSITIONAL, T.MIGRATING):
             raise StateError(f"{self.core.name}:{v.name} is not migrating")
+        if msg.get("held"):         # V1 asks whether a region it served on access is here already
+            return wire.ok(skipped=v.migrated.is_set(region))
         regions = range(region, region + count)
         data = None
         if not msg.get("zero"):

@@ -98,6 +98,7 @@ class DestGroupInfo:
     """A consistency group at its secondary: the handover number while transitional."""
 
     name: str
+    reorder_bytes: int = 0                 # this group's reorder buffer limit (0: the node's default)
     handover_seq: int = 0                  # N0: V1 sends < N0, V2 sends >= N0
     consistent_at: int | None = None       # consistent again once applied >= this (None: nothing pending)
     resyncing: list[str] = field(default_factory=list)   # members whose (re)sync is not done yet
@@ -114,6 +115,7 @@ class SourceGroupInfo:
 
     name: str
     journal_bytes: int
+    reorder_bytes: int = 0                 # its reorder buffer at the secondary (0: the default there)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SourceGroupInfo":

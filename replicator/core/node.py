@@ -71,7 +71,7 @@ class Boot:
 @dataclass(slots=True)
 class HostIo:
     req: Any
-    op: str                      # read / write / flush / trim / zero
+    op: str                      # read / write / flush / trim / zero / extents
     volume: str
     offset: int = 0
     length: int = 0
@@ -153,8 +153,9 @@ class NodeCore:
             while not self.ready:
                 yield Wait("ready")
             vol = self.volume(ev.volume)
-            if ev.op == "read":
-                data = yield from self.primary.host_read(vol, ev.offset, ev.length)
+            if ev.op in ("read", "extents"):
+                read = self.primary.host_read if ev.op == "read" else self.primary.host_extents
+                data = yield from read(vol, ev.offset, ev.length)
                 self.rt.emit(HostDone(ev.req, data))
                 return
             if ev.op == "write":

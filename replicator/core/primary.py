@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generator
 from .. import wire
 from ..errors import NodeUnreachable, RcopyError, StateError, UsageError
 from . import tables as T
-from .effects import JournalCreate, JournalDelete, VolHoleRun, VolRead, VolZero, Zeros, put
+from .effects import JournalCreate, JournalDelete, VolExtents, VolHoleRun, VolRead, VolZero, Zeros, put
 from .payload import ZERO_MARK, write_data, write_fields
 from .model import PeerVolume, SourceGroupInfo, check_name
 from .runtime import Sleep, Wait
@@ -66,7 +66,7 @@ class PrimarySide:
                 "pair.suspend": self._h_pair_suspend, "pair.resume": self._h_pair_resume,
                 "journal.pull": self._h_journal_pull, "journal.applied": self._h_journal_applied,
                 "volume.read": self._h_volume_read, "volume.write": self._h_volume_write,
-                "volume.flush": self._h_volume_flush}
+                "volume.flush": self._h_volume_flush, "volume.extents": self._h_volume_extents}
 
     # ================================================================== start and restart
     def start(self) -> None:
@@ -206,6 +206,30 @@ class PrimarySide:
                     vol.locks.release(regions)
             data = yield VolRead(vol.name, offset, length)
             return data
+        finally:
+            self.core.mig.done(vol)
+
+    def host_extents(self, vol: "Volume", offset: int, length: int) -> Generator[Any, Any, list[tuple[int, bool]]]:
+        """NBD block status: (length, hole) runs from ``offset`` on. A V2 whose migration has not
+        brought a region here yet answers "data" for it (V1 holds it): never a false hole."""
+        vol.check(offset, length)
+        mode = yield from self.core.mig.admit(vol, write=False)
+        if mode == T.THROUGH:
+            reply = yield from self.core.mig.relay(vol, "volume.extents", offset=offset, length=length)
+            return [(int(n), bool(hole)) for n, hole in reply["extents"]]
+        try:
+            if mode == T.MIGRATING:
+                # Bits only get set while migrating, and a set bit means V2's copy is durable: so
+                # a run judged here stays right while the file is looked at.
+                bits = vol.migrated
+                region = offset // bits.region_bytes
+                here = bits.is_set(region)
+                stop = (region + bits.run(region, bits.nregions, here)) * bits.region_bytes
+                length = min(length, stop - offset)
+                if not here:
+                    return [(length, False)]
+            runs = yield VolExtents(vol.name, offset, length, self.core.cfg.extents_max)
+            return runs
         finally:
             self.core.mig.done(vol)
 
@@ -625,7 +649,8 @@ class PrimarySide:
                 # durable here too (a power loss must not leave us older than the copy we sent).
                 yield from vol.syncer.sync()
                 yield from vol.maps["diff"].update(vol.diff.clear_ranges(runs))   # what was sent, no more
-                vol.copied_bytes += sum(n for _, n in runs)
+                vol.copied_bytes += sum(n for _, n, data in parts if data is not None)
+                vol.zeroed_bytes += sum(n for _, n, data in parts if data is None)
             finally:
                 vol.locks.release(regions)
 
@@ -659,7 +684,7 @@ class PrimarySide:
                 return False                          # the region-by-region copy decides what to do
             yield from vol.syncer.sync()              # as for one region (S1509)
             yield from vol.maps["diff"].update(vol.diff.clear_regions(range(region, region + n)))
-            vol.copied_bytes += length
+            vol.zeroed_bytes += length
             return True
         finally:
             vol.locks.release(regions)
@@ -708,7 +733,6 @@ class PrimarySide:
             raise StateError(f"{core.name}:{vol.name} is already in a pair ({info.role})")
         if info.rw_mode != T.NORMAL or info.migration:
             raise StateError(f"{core.name}:{vol.name} is being migrated")
-        journal_bytes = int(msg.get("journal_bytes") or core.cfg.journal_bytes_default)
         diff_block = int(msg.get("diff_block_bytes") or core.cfg.diff_block_bytes)
         if diff_block < 512 or core.cfg.region_bytes % diff_block:
             raise UsageError(f"the diff block must be at least 512 bytes and divide the region "
@@ -721,15 +745,19 @@ class PrimarySide:
                                      f"all its volumes must go to the same secondary node")
                 if m.info.mode != "async" or m.info.transfer != transfer:
                     raise UsageError(f"group {group} uses {m.info.mode}/{m.info.transfer}")
-            g = yield from self._ensure_group(group, journal_bytes)
+            journal_bytes, reorder_bytes = self._group_limits(msg, group)
+            g = yield from self._ensure_group(group, journal_bytes, reorder_bytes=reorder_bytes)
             next_seq = g.counter
         elif any(m.info.mode == "async" for m in core.members(group)):
             raise UsageError(f"group {group} is an async consistency group")
+        elif msg.get("journal_bytes") or msg.get("reorder_bytes"):
+            raise UsageError("--journal-size and --reorder-buffer are limits of an async group; "
+                             "a sync pair has neither")
         yield from vol.reshape_diff(diff_block)         # still simplex: its diff bits are unused
         yield from core.call(secondary.node, secondary.control, "pair.join", {
             "volume": secondary.volume, "source": vars(core_peer(core, vol.name)), "size": info.size,
             "mode": mode, "group": group, "transfer": transfer, "next_seq": next_seq,
-            "epoch": info.copy_epoch})
+            "epoch": info.copy_epoch, "reorder_bytes": g.info.reorder_bytes if mode == "async" else 0})
         others = core.members(group) if mode == "async" else []
         info.remote_copy_flag = "source"
         info.mode, info.group, info.transfer = mode, group, transfer
@@ -747,12 +775,32 @@ class PrimarySide:
         self.wake_copier(vol)
         return wire.ok(state=info.pair_state, group=group)
 
-    def _ensure_group(self, name: str, journal_bytes: int, counter: int = 1,
-                      head: int | None = None) -> Generator[Any, Any, SourceGroup]:
+    def _group_limits(self, msg: wire.Message, group: str) -> tuple[int, int]:
+        """(journal, reorder buffer) bytes of async group ``group``: those asked (checked) or the
+        defaults; a group that exists keeps its own, and asking it for others is an error."""
+        cfg = self.core.cfg
+        asked = {"journal size": msg.get("journal_bytes"), "reorder buffer": msg.get("reorder_bytes")}
+        bounds = {"journal size": (cfg.journal_bytes_min, 1 << 50), "reorder buffer": cfg.reorder_bytes_bounds}
+        for what, value in asked.items():
+            low, high = bounds[what]
+            if value is not None and (type(value) is not int or not low <= value <= high):
+                raise UsageError(f"the {what} must be from {low} to {high} bytes, not {value!r}")
+        info = self.core.source_group_info.get(group)
+        if info is None:
+            return asked["journal size"] or cfg.journal_bytes_default, asked["reorder buffer"] or 0
+        have = {"journal size": info.journal_bytes, "reorder buffer": info.reorder_bytes or cfg.reorder_bytes_max}
+        for what, value in asked.items():
+            if value is not None and value != have[what]:
+                raise UsageError(f"group {group} has a {what} of {have[what]} bytes; a new member cannot "
+                                 f"change it (leave the option out, or use another group)")
+        return info.journal_bytes, info.reorder_bytes
+
+    def _ensure_group(self, name: str, journal_bytes: int, counter: int = 1, head: int | None = None,
+                      reorder_bytes: int = 0) -> Generator[Any, Any, SourceGroup]:
         g = self.groups.get(name)
         if g is not None:
             return g
-        info = SourceGroupInfo(name, journal_bytes)
+        info = SourceGroupInfo(name, journal_bytes, reorder_bytes)
         g = SourceGroup(self.core, info)
         g.counter, g.stored, g.durable, g.applied, g.discarded = counter, counter - 1, counter - 1, counter - 1, counter - 1
         g.transferred, g.next_send = counter - 1, counter
@@ -843,6 +891,11 @@ class PrimarySide:
         data = yield from self.host_read(vol, int(msg["offset"]), length)
         return wire.ok([data])
 
+    def _h_volume_extents(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
+        """Relay path: V1's block status for V2 in THROUGH mode."""
+        runs = yield from self.host_extents(self.core.volume(msg["volume"]), int(msg["offset"]), int(msg["length"]))
+        return wire.ok(extents=[[n, hole] for n, hole in runs])
+
     def _h_volume_write(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """A host write relayed by another node (THROUGH mode, S1105/S1106)."""
         vol = self.core.volume(msg["volume"])
@@ -876,6 +929,7 @@ class PrimarySide:
                 "lag_writes": lag_writes, "lag_bytes": lag_bytes + dirty, "dirty_bytes": dirty,
                 "lag_seconds": round(lag_seconds, 3), "applied_seq": applied, "stored_seq": stored,
                 "journal_used_bytes": journal_used, "copied_bytes": v.copied_bytes,
+                "zeroed_bytes": v.zeroed_bytes,
                 "copy_source_valid": self.core.mig.valid_of(v), **throttle}
 
 

@@ -142,14 +142,15 @@ def wait_pair(d: Directory, primary: str, predicate: Callable[[dict[str, Any]], 
 # ---------------------------------------------------------------------- pairs
 def pair_create(d: Directory, primary: str, secondary: str, mode: str, group: str | None = None,
                 transfer: str = "push", journal_bytes: int | None = None, auto_resume: bool = True,
-                diff_block_bytes: int | None = None) -> Proc:
+                diff_block_bytes: int | None = None, reorder_bytes: int | None = None) -> Proc:
     pnode, pvol = parse_volume(primary)
     if parse_volume(secondary)[0] == pnode:
         raise UsageError("primary and secondary must be on different nodes")
     reply = yield Ask(pnode, "pair.create", {"volume": pvol, "secondary": d.peer(secondary), "mode": mode,
                                              "group": group, "transfer": transfer,
                                              "journal_bytes": journal_bytes, "auto_resume": auto_resume,
-                                             "diff_block_bytes": diff_block_bytes})
+                                             "diff_block_bytes": diff_block_bytes,
+                                             "reorder_bytes": reorder_bytes})
     return reply
 
 

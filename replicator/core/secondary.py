@@ -60,7 +60,8 @@ class DestGroup:
         return {"group": self.name, "role": "dest", "applied": self.durable_applied,
                 "applied_in_memory": self.applier.last_applied, "waiting": self.applier.waiting,
                 "highest_received": self.applier.highest_received,
-                "buffered_bytes": self.applier.buffered_bytes, "handover_seq": self.info.handover_seq,
+                "buffered_bytes": self.applier.buffered_bytes, "reorder_bytes_max": self.applier.buffer_bytes_max,
+                "handover_seq": self.info.handover_seq,
                 "consistent_at": self.info.consistent_at}
 
 
@@ -76,11 +77,14 @@ class SecondarySide:
                 "pair.write": self._h_pair_write, "pair.resync_begin": self._h_resync_begin,
                 "pair.resync_done": self._h_resync_done, "journal.push": self._h_journal_push}
 
+    def reorder_limit(self, info: DestGroupInfo) -> int:
+        """Bytes the group's reorder buffer may hold: its own limit, else the node's default."""
+        return info.reorder_bytes or self.core.cfg.reorder_bytes_max
+
     # ================================================================== start and restart
     def recover_group(self, info: DestGroupInfo, record: tuple[int, int]) -> None:
         applied, applying = record
-        dg = DestGroup(info, OrderedApplier(last_applied=applied,
-                                            buffer_bytes_max=self.core.cfg.reorder_bytes_max),
+        dg = DestGroup(info, OrderedApplier(last_applied=applied, buffer_bytes_max=self.reorder_limit(info)),
                        changes=ChangeLog(self.core.verify.chunk_bytes()))
         dg.durable_applied, dg.record = applied, (applied, max(applied, applying))
         dg.applier.highest_received = applied
@@ -382,10 +386,10 @@ class SecondarySide:
             for m in core.members(group, "dest"):
                 m.info.consistent = False
         if new_group:  # a new group here: numbering starts where the source's counter is
-            ginfo = DestGroupInfo(group, resyncing=[vol.name])
+            ginfo = DestGroupInfo(group, reorder_bytes=int(msg.get("reorder_bytes") or 0), resyncing=[vol.name])
             core.dest_group_info[group] = ginfo
             start = int(msg["next_seq"]) - 1
-            dg = DestGroup(ginfo, OrderedApplier(last_applied=start, buffer_bytes_max=core.cfg.reorder_bytes_max),
+            dg = DestGroup(ginfo, OrderedApplier(last_applied=start, buffer_bytes_max=self.reorder_limit(ginfo)),
                            changes=ChangeLog(core.verify.chunk_bytes()))
             dg.applier.highest_received = start
             yield SaveApplied(group, start, start)

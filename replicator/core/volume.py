@@ -86,7 +86,8 @@ class Volume:
     active_at: dict[int, float] = field(default_factory=dict)   # when a write last entered the region
     writes: int = 0
     bytes_written: int = 0
-    copied_bytes: int = 0
+    copied_bytes: int = 0            # initial copy and resync: data sent as payloads
+    zeroed_bytes: int = 0            # ... and sent as zero commands (holes, all-zero data)
     copier: Any = None                      # the copy task while the pair is copying
 
     @classmethod

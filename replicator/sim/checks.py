@@ -250,7 +250,7 @@ class Checker:
                 self.w.violation(f"{node} group {g.name}: pointers out of order: discarded {g.discarded} "
                                  f"applied {g.applied} durable {g.durable} stored {g.stored} counter {g.counter}")
         for dg in core.secondary.groups.values():
-            if dg.applier.buffered_bytes > cfg.reorder_bytes_max + 64 * 1024:
+            if dg.applier.buffered_bytes > dg.applier.buffer_bytes_max + 64 * 1024:
                 self.w.violation(f"{node} group {dg.name} buffers {dg.applier.buffered_bytes} bytes")
 
     def _applied_monotone(self, d: "Daemon") -> None:

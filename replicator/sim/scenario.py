@@ -195,7 +195,8 @@ class Run:
     def _create_pairs(self) -> Generator[Any, Any, None]:
         p = self.p
         # small journals fill: a fold then meets the backlog of V1 in a migration inside one node
-        jbytes = {"journal-full": 6 * 1024, "migrate-local": 10 * 1024}.get(p.procedure)
+        # (a sync pair has no journal: the option is refused for it)
+        jbytes = {"journal-full": 6 * 1024, "migrate-local": 10 * 1024}.get(p.procedure) if p.mode == "async" else None
         st = yield from P.status(self.d, only=["site-a1"])
         existing = {x["primary"] for x in st["pairs"]}
         for v1, _, v3, _ in self.pairs:

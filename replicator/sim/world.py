@@ -283,6 +283,9 @@ class World:
             data = disk.volumes[eff.volume].read(eff.offset, eff.length)
             stripped = data.lstrip(b"\0")
             return len(data) - len(stripped)
+        elif isinstance(eff, E.VolExtents):     # one run: a mixed range is data (never a false hole)
+            data = disk.volumes[eff.volume].read(eff.offset, eff.length)
+            return [(len(data), not any(data))] if data else []
         elif isinstance(eff, E.VolZero):
             disk.volumes[eff.volume].write(eff.offset, bytes(eff.length))
         elif isinstance(eff, E.VolSync):

@@ -110,3 +110,42 @@ def test_consistency_group_shares_one_sequence(started, transfer):
     p1, p4 = t.find_pair("site-a1:v1"), t.find_pair("site-a1:v4")
     assert p1["group"] == p4["group"] == "g1"
     assert p1["stored_seq"] == p4["stored_seq"] >= 100  # one counter for both volumes
+
+
+@pytest.mark.timeout(120)
+def test_group_limits_are_per_group_checked_shown_and_kept(started):
+    """Journal and reorder-buffer sizes per async group: checked, in status, kept over a restart."""
+    import subprocess
+    from pathlib import Path
+
+    from replicator.errors import UsageError
+    t = started
+    for spec in ("site-a1:v1", "site-a1:v4", "site-a1:v7", "site-b:v3", "site-b:v6", "site-b:v9"):
+        t.volume_create(spec, 8 * MiB)
+    t.pair_create("site-a1:v1", "site-b:v3", mode="async", group="g1", journal_bytes=4 * MiB,
+                  reorder_bytes=8 * MiB)
+    with pytest.raises(UsageError, match="group g1 has a reorder buffer of 8388608 bytes"):
+        t.pair_create("site-a1:v4", "site-b:v6", mode="async", group="g1", reorder_bytes=16 * MiB)
+    with pytest.raises(UsageError, match="reorder buffer must be from 1048576"):
+        t.pair_create("site-a1:v4", "site-b:v6", mode="async", group="g2", reorder_bytes=4096)
+    with pytest.raises(UsageError, match="a sync pair has neither"):
+        t.pair_create("site-a1:v4", "site-b:v6", mode="sync", reorder_bytes=8 * MiB)
+    rcopy = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "rcopy")
+    r = subprocess.run([rcopy, "--cluster", str(t.cluster.path), "pair", "create", "site-a1:v4", "site-b:v6",
+                        "--mode", "async", "--reorder-buffer", "100G"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("rcopy: error: the reorder buffer must be from 1048576 to 17179869184 bytes")
+    t.pair_create("site-a1:v4", "site-b:v6", mode="async", group="g1")     # joins with g1's limits
+    t.pair_create("site-a1:v7", "site-b:v9", mode="async")                 # its own group, the defaults
+
+    def groups() -> dict:
+        return {(g["node"], g["group"]): g for g in t.status()["groups"]}
+    for _ in range(2):
+        g = groups()
+        assert g[("site-a1", "g1")]["journal_capacity_bytes"] == 4 * MiB
+        assert g[("site-b", "g1")]["reorder_bytes_max"] == 8 * MiB
+        assert g[("site-b", "v7")]["reorder_bytes_max"] == 256 * MiB
+        t.node_stop("site-b")
+        t.node_start("site-b")
+    for p in ("site-a1:v1", "site-a1:v4", "site-a1:v7"):
+        t.wait_duplex(p, 60)
