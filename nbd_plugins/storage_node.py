@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
+from nbd_plugins.threadstate import keep  # noqa: E402
 from nbd_plugins.common import (API_VERSION, block_status, can_extents, can_fast_zero,  # noqa: E402,F401
                                 can_fua, can_flush, can_multi_conn, can_trim, can_write, can_zero,
                                 default_export, fail,
@@ -66,6 +67,7 @@ def get_size(h):
 
 
 def pread(h, buf, offset, flags):
+    keep()
     try:
         buf[:] = _node.read(h, offset, len(buf))
     except Exception as exc:
@@ -73,6 +75,7 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
+    keep()
     try:
         _node.write(h, buf, offset, bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
@@ -80,6 +83,7 @@ def pwrite(h, buf, offset, flags):
 
 
 def flush(h, flags):
+    keep()
     try:
         _node.flush(h)
     except Exception as exc:
@@ -88,6 +92,7 @@ def flush(h, flags):
 
 def trim(h, count, offset, flags):
     """TRIM: the range reads as zeros on every replica afterwards (journaled like a write)."""
+    keep()
     try:
         _node.trim(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
@@ -96,6 +101,7 @@ def trim(h, count, offset, flags):
 
 def zero(h, count, offset, flags):
     """WRITE_ZEROES (also a fast zero): a punched hole, replicated as a command without payload."""
+    keep()
     try:
         _node.zero(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
@@ -104,6 +110,7 @@ def zero(h, count, offset, flags):
 
 def extents(h, count, offset, flags):
     """NBD block status: where the volume has holes (read as zeros) and where data."""
+    keep()
     try:
         return block_status(_node.extents(h, count, offset))
     except Exception as exc:

@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
+from nbd_plugins.threadstate import keep  # noqa: E402
 from nbd_plugins.common import (API_VERSION, block_status, can_extents, can_fast_zero,  # noqa: E402,F401
                                 can_fua, can_flush, can_multi_conn, can_trim, can_write, can_zero,
                                 default_export, fail,
@@ -70,6 +71,7 @@ def get_size(h):
 
 
 def pread(h, buf, offset, flags):
+    keep()
     try:
         buf[:] = _engine.pread(h, len(buf), offset)
     except Exception as exc:
@@ -77,6 +79,7 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
+    keep()
     try:
         _engine.pwrite(h, buf, offset, bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
@@ -84,6 +87,7 @@ def pwrite(h, buf, offset, flags):
 
 
 def flush(h, flags):
+    keep()
     try:
         _engine.flush(h)
     except Exception as exc:
@@ -91,6 +95,7 @@ def flush(h, flags):
 
 
 def zero(h, count, offset, flags):
+    keep()
     try:
         _engine.zero(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
@@ -99,6 +104,7 @@ def zero(h, count, offset, flags):
 
 def trim(h, count, offset, flags):
     """TRIM goes to the volume the virtual volume maps to, like a write."""
+    keep()
     try:
         _engine.trim(h, count, offset)
     except Exception as exc:
@@ -107,6 +113,7 @@ def trim(h, count, offset, flags):
 
 def extents(h, count, offset, flags):
     """NBD block status: where the volume has holes (read as zeros) and where data."""
+    keep()
     try:
         return block_status(_engine.extents(h, count, offset))
     except Exception as exc:

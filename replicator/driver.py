@@ -125,6 +125,9 @@ class Driver:
             ev = todo.pop()
             with self.lock:
                 effects = self.core.handle(ev, time.monotonic())
+            if req is not None and len(effects) > 1:
+                # the host's answer first: another task's fsync in the same step is not its to wait for
+                effects.sort(key=lambda e: type(e) is not E.HostDone)
             for i, eff in enumerate(effects):
                 if req is not None and req.answered:
                     for rest in effects[i:]:

@@ -9,9 +9,15 @@ volume -> storage node): what two embedded-Python hops cost here before any repl
     nbdkit --unix SOCK2 python scripts/ceiling/io_only.py uri=nbd+unix:///?socket=SOCK
 """
 import os
+import sys
 import threading
 
 import nbdkit
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from nbd_plugins.threadstate import keep as _keep  # noqa: E402  (no rcopy code: nbdkit embedding only)
+
+_KEEP = os.environ.get("RCOPY_KEEP_THREAD_STATE", "1") != "0"
 
 API_VERSION = 2
 _config: dict = {}
@@ -67,10 +73,14 @@ def can_flush(h):
 
 
 def pread(h, buf, offset, flags):
+    if _KEEP:
+        _keep()
     buf[:] = os.pread(_fd, len(buf), offset) if _fd >= 0 else _target().pread(len(buf), offset)
 
 
 def pwrite(h, buf, offset, flags):
+    if _KEEP:
+        _keep()
     if _fd >= 0:
         os.pwrite(_fd, buf, offset)
     else:
@@ -78,6 +88,8 @@ def pwrite(h, buf, offset, flags):
 
 
 def flush(h, flags):
+    if _KEEP:
+        _keep()
     if _fd >= 0:
         os.fsync(_fd)
     else:
