@@ -352,8 +352,7 @@ class PrimarySide:
                 regions = range(0)
                 yield from self._write_async(vol, offset, data)
                 return
-            p = g.enqueue(vol, offset, data)                                 # S2401-S2404
-            journaled = yield from g.wait_stored(p)
+            p, journaled = yield from g.append(vol, offset, data)            # S2401-S2404
             while not journaled and g.folding:
                 # folded into the bitmaps: the journal's older entries must be gone first, or a
                 # roll-forward after a crash would write them over this newer data

@@ -111,12 +111,6 @@ class SourceGroup:
         return (self.core.mig.successor(v) or v) if v is not None else None
 
     # ================================================================== appending (S2401-S2404)
-    def enqueue(self, vol: "Volume", offset: int, data: bytes | memoryview) -> Pending:
-        p = Pending(vol.name, offset, data)
-        self.pending.append(p)
-        self.core.rt.notify(("append", self.name))
-        return p
-
     def batch_bytes(self) -> int:
         """Journal data per push or pull: at most an eighth of the journal, so space comes back
         (applied, then discarded) in steps small enough for back-pressure to hold the fill."""
@@ -142,9 +136,8 @@ class SourceGroup:
 
     def appender(self) -> Generator[Any, Any, None]:
         """Append what host writes queued, one batch at a time, in arrival order."""
-        rt = self.core.rt
         while self.name in self.core.primary.groups:
-            if not self.pending or self.folding:
+            if not self.pending or self.folding or self.appending:
                 yield Wait(("append", self.name))
                 continue
             batch = list(self.pending)[: self.core.cfg.push_batch_entries]
@@ -159,31 +152,57 @@ class SourceGroup:
             entries = []
             for p, size in zip(batch[:n], sizes[:n]):
                 self.pending.popleft()
-                p.seq = self.counter
-                self.counter += 1
-                where = self.space.place(size)
-                assert where is not None
-                self.space.add(p.seq, where[0], size)
-                self.index[p.seq] = (p.volume, p.offset, len(p.data))
-                self._note_live(p.volume, p.offset, len(p.data), p.seq)
-                self.live_bytes += len(p.data)
-                self.writing[p.seq] = 1
-                entries.append(JEntry(p.seq, p.volume, p.offset, p.data))
-            self._sample(entries[-1].seq)
-            self.appending = True
-            try:
-                yield JournalAppend(self.name, entries)
-            except RcopyError as exc:
-                self.appending = False
-                self.core.log("error", f"journal {self.name}: append failed ({exc}); folding")
-                self.stored = entries[-1].seq   # the space is allocated; the fold marks and frees it
-                yield from self.fold(f"journal write failed: {exc}")
-                continue
+                entries.append(self._number(p, size))
+            yield from self._append(entries)
+
+    def append(self, vol: "Volume", offset: int, data: bytes | memoryview) -> Generator[Any, Any, tuple[Pending, bool]]:
+        """Journal a host write; False if it was folded into the bitmaps instead. With no append
+        running and none queued (the usual case when appends complete at once) the writer appends
+        its own entry; otherwise it queues for the appender, which appends the queue as one batch
+        (group commit). Either way entries are stored in the order they were numbered."""
+        p = Pending(vol.name, offset, data)
+        size = record_bytes(data)
+        if self.appending or self.pending or self.folding or not self.space.fits([size]):
+            self.pending.append(p)
+            self.core.rt.notify(("append", self.name))
+            journaled = yield from self.wait_stored(p)
+            return p, journaled
+        yield from self._append([self._number(p, size)])
+        return p, True
+
+    def _number(self, p: Pending, size: int) -> JEntry:
+        """Give a queued write its sequence number and its place in the ring."""
+        p.seq = self.counter
+        self.counter += 1
+        where = self.space.place(size)
+        assert where is not None
+        self.space.add(p.seq, where[0], size)
+        self.index[p.seq] = (p.volume, p.offset, len(p.data))
+        self._note_live(p.volume, p.offset, len(p.data), p.seq)
+        self.live_bytes += len(p.data)
+        self.writing[p.seq] = 1
+        return JEntry(p.seq, p.volume, p.offset, p.data)
+
+    def _append(self, entries: list[JEntry]) -> Generator[Any, Any, None]:
+        """Store numbered entries (one append at a time: ``appending``); a failure folds."""
+        rt = self.core.rt
+        self._sample(entries[-1].seq)
+        self.appending = True
+        try:
+            yield JournalAppend(self.name, entries)
+        except RcopyError as exc:
             self.appending = False
-            self.stored = entries[-1].seq
-            self._keep(entries)
-            rt.notify(("stored", self.name))
-            rt.notify(("appended", self.name))
+            self.core.log("error", f"journal {self.name}: append failed ({exc}); folding")
+            self.stored = entries[-1].seq   # the space is allocated; the fold marks and frees it
+            rt.notify(("append", self.name))
+            yield from self.fold(f"journal write failed: {exc}")
+            return
+        self.appending = False
+        self.stored = entries[-1].seq
+        self._keep(entries)
+        rt.notify(("stored", self.name))
+        rt.notify(("appended", self.name))
+        rt.notify(("append", self.name))      # the appender takes what queued meanwhile
 
     def _keep(self, entries: list[JEntry]) -> None:
         room = self.core.cfg.push_cache_bytes - self.cache_bytes

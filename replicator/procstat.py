@@ -1,0 +1,36 @@
+"""CPU time of processes and their threads from /proc (for scripts/bench and scripts/profile)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(path: Path | str) -> float:
+    """utime + stime of /proc/PID or /proc/PID/task/TID, in seconds."""
+    f = Path(path, "stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def process_cpu_s(pid: int) -> float:
+    return cpu_s(f"/proc/{pid}")
+
+
+def thread_cpu_s(pid: int | str) -> dict[str, float]:
+    """CPU seconds per thread name of ``pid`` ("self" for this process; threads of one name summed)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = task.joinpath("comm").read_text().strip()
+            out[name] = out.get(name, 0.0) + cpu_s(task)
+        except OSError:
+            continue
+    return out
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, system) CPU seconds of the whole machine."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq = f[:7]
+    return (user + nice + system + irq + softirq) / TICK, (system + irq + softirq) / TICK
