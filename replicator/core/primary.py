@@ -390,11 +390,14 @@ class PrimarySide:
                 continue
             batch = self._take_batch(queue)
             self._sync_sending.add(vol.name)
-            error: RcopyError | None = None
+            error: RcopyError | None = RcopyError("the sync batch was not sent")   # until it was
             try:
                 yield from self._pair_write(vol, *sync_fields(batch), 0)
+                error = None
             except RcopyError as exc:
                 error = exc
+            except Exception as exc:  # noqa: BLE001 - a bug: every write of the batch is tracked, none lost
+                error = RcopyError(f"internal error sending sync writes: {exc}")
             finally:
                 self._sync_sending.discard(vol.name)
                 if error is not None:       # the pair suspends: the writes queued meanwhile need no try

@@ -194,6 +194,7 @@ class SourceGroup:
             self.appending = False
             self.core.log("error", f"journal {self.name}: append failed ({exc}); folding")
             self.stored = entries[-1].seq   # the space is allocated; the fold marks and frees it
+            rt.notify(("appended", self.name))
             rt.notify(("append", self.name))
             yield from self.fold(f"journal write failed: {exc}")
             return
