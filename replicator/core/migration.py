@@ -700,7 +700,10 @@ class Migrations:
                             n = _free_run(v, region, core.cfg.copy_batch_regions, taken)
                             n = next((i for i in range(1, n) if region + i in fetched), n)   # asked one by one
                             run = range(region, region + n)
-                            taken.update(run)
+                            taken.update(run)               # taken while _data_run looks at them
+                            n = yield from self._data_run(v, region, n)
+                            taken.difference_update(range(region + n, run.stop))
+                            run = range(region, region + n)
                             sent = yield from self._push_regions(v, target, run)
                             moved[0 if sent else 1] += sent or _run_bytes(v, run)
                         yield from v.maps["migrated"].update(v.migrated.set_regions(run))   # S915
@@ -753,6 +756,19 @@ class Migrations:
             return 0
         finally:                                 # the caller releases what it returns
             taken.difference_update(range(region + max(n, 1), region + run))
+
+    @staticmethod
+    def _data_run(v: "Volume", region: int, limit: int) -> Generator[Any, Any, int]:
+        """How many of the ``limit`` regions from ``region`` on go in one data message: up to the
+        first one after it that holds no data (one SEEK_DATA each), which then goes as zeros."""
+        n = 1
+        while n < limit:
+            offset, length = v.migrated.extent(region + n)
+            hole = yield VolHoleRun(v.name, offset, length)
+            if hole >= length:
+                break
+            n += 1
+        return n
 
     def _push_regions(self, v: "Volume", target: PeerVolume, run: range) -> Generator[Any, Any, int]:
         """Send a run of regions to V2 in one message, retrying while it does not answer; the data
