@@ -1,12 +1,15 @@
 """The driver of a sans-IO core: threads, real files and ZeroMQ around ``core.handle``.
 
-The core is not thread-safe; every call into it holds ``lock`` and lasts only as
-long as the rules take (no I/O under the lock). Whoever feeds an event runs what
-follows to completion: storage effects are carried out in the calling thread,
-then their results are fed back, and so on. So a host write on an nbdkit thread
-journals, writes and acknowledges without changing threads. Requests to other
-nodes go to one asynchronous client; their replies, timers and incoming
-requests are fed by a small pool of worker threads.
+The core is not thread-safe; every call into it holds ``lock``. The only I/O under
+the lock is a small write to the page cache (a volume write, a journal append or a
+bitmap put of at most IMMEDIATE_BYTES_MAX), carried out at once inside the core's
+step (``Runtime.immediate``), so a host write on an nbdkit thread journals, writes
+and is acknowledged in one call into the core. Other storage effects are carried
+out by the thread that fed the event, then their results fed back, until a host's
+request is answered; what remains goes to a small pool of worker threads. Requests
+to other nodes go to one asynchronous client; its replies and the server's incoming
+requests are fed from those ZeroMQ threads (their storage I/O again goes to the
+workers); timers are fed by the workers.
 """
 from __future__ import annotations
 

@@ -63,8 +63,6 @@ def test_lab_sync_kill_primary_secondary_complete(lab_dir, tmp_path):
     image = tmp_path / "v3.img"
     v3 = next(v for v in status["volumes"] if v["node"] == "site-b" and v["name"] == "v3")
     run("nbdcopy", v3["nbd_uri"], str(image))
-    fsck = run("e2fsck", "-fn", str(image), check=False)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     check_mnt = tmp_path / "check"
     check_mnt.mkdir()
     run("mount", "-o", "loop", str(image), str(check_mnt))  # our copy: the journal may replay
@@ -73,6 +71,11 @@ def test_lab_sync_kill_primary_secondary_complete(lab_dir, tmp_path):
     finally:
         run("umount", str(check_mnt))
     assert got == sums
+    # Checked after the journal replayed: the filesystem was still mounted when its primary was
+    # killed, so metadata written after `sync` (ext4's own background work) may sit in the ext4
+    # journal only, as after any crash; `e2fsck -n` does not replay it (seen once, 2026-12-03).
+    fsck = run("e2fsck", "-fn", str(image), check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
     rcopy("node", "start", "site-a1", env=env)
     v = rcopy("verify", "site-a1:v1", "site-b:v3", env=env, check=False)
