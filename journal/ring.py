@@ -265,9 +265,13 @@ class Journal:
             run: list[bytes | memoryview] = []
             run_slots: list[tuple[int, _Slot, int]] = []
             run_at = run_end = -1
+            ring = RingSpace(self._capacity, self._space.head)   # where this append's records go
+            if self._space.live:                                  # (only the tail matters)
+                ring.live.append(self._space.live[0])
             for volume_id, offset, view, span, zero, size in prepared:
                 seq = self._counter + len(run_slots)
-                pos, wrap_at = self._place_after(run_slots, size)
+                pos, wrap_at = self._place(size, ring)
+                ring.add(seq, pos, size)
                 if run and (wrap_at is not None or pos != run_end):
                     self._write_run(run, run_at, run_slots)
                     run, run_slots = [], []
@@ -283,19 +287,6 @@ class Journal:
             if run:
                 self._write_run(run, run_at, run_slots)
             return self._stored
-
-    def _place_after(self, pending: list[tuple[int, _Slot, int]], size: int) -> tuple[int, int | None]:
-        """Where a record goes after the ``pending`` records of this append (not yet in _space)."""
-        if not pending:
-            return self._place(size)
-        probe = RingSpace(self._capacity, self._space.head)
-        probe.live.append(self._space.live[0] if self._space.live else (0, pending[0][1].pos, 0))
-        for seq, slot, n in pending:
-            probe.add(seq, slot.pos, n)
-        where = probe.place(size)
-        if where is None:
-            raise JournalFull(f"journal {self.name} is full: {size} bytes needed")
-        return where
 
     def _write_run(self, run: list[bytes | memoryview], at: int, slots: list[tuple[int, _Slot, int]]) -> None:
         """Write back-to-back records, then count them stored (callers hold _lock)."""
@@ -501,13 +492,13 @@ class Journal:
     def _used(self) -> int:
         return self._space.used()
 
-    def _place(self, size: int) -> tuple[int, int | None]:
+    def _place(self, size: int, ring: RingSpace | None = None) -> tuple[int, int | None]:
         """Where a record of ``size`` bytes goes, and where its wrap marker goes (if any).
 
-        The record takes bytes from the free head onward. It never reaches a
-        live entry. Raises JournalFull.
+        The record takes bytes from the free head onward (of ``ring``: the journal's space with
+        the records of an append in progress). It never reaches a live entry. Raises JournalFull.
         """
-        where = self._space.place(size)
+        where = (ring or self._space).place(size)
         if where is None:
             free = self._capacity - self._used()
             raise JournalFull(f"journal {self.name} is full: {size} bytes needed, {free} of {self._capacity} "

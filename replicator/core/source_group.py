@@ -224,9 +224,7 @@ class SourceGroup:
             if e is None:
                 break
             out.append(e)
-        if len(out) == last - first + 1:
-            return out
-        if out:         # the kept prefix now; the rest with the next push
+        if out:         # all of them, or the kept prefix now and the rest with the next push
             return out
         entries = yield JournalRead(self.name, first, last)
         return entries
