@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.config import Config
+from .core.effects import VolWrite
 from .core.node import Boot, HostIo, NodeCore
 from .driver import Driver, HostRequest
 from .errors import NotFound
@@ -71,6 +72,11 @@ class Node:
         return data
 
     def write(self, volume: str, data: Any, offset: int, fua: bool = False) -> None:
+        """A volume in no pair and no migration is written straight from nbdkit's buffer (the core
+        still admits it and holds its regions); anything else goes through the core's task."""
+        if not fua and self.driver.plain_write(
+                volume, offset, len(data), lambda: self.storage.run(VolWrite(volume, offset, data))):
+            return
         self._host("write", volume, offset, len(data), bytes(data), fua)
 
     def flush(self, volume: str) -> None:

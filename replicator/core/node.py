@@ -143,6 +143,18 @@ class NodeCore:
             self.rt.spawn(self._boot(event.state), "boot", on_exit=self._boot_exit)
         return self.rt.take()
 
+    def plain_write(self, volume: str, offset: int, length: int, now: float) -> Volume | None:
+        """Start a host write that needs nothing but the volume's bytes, without a task
+        (PrimarySide.plain_begin); None: feed it as HostIo. Raises for a bad range."""
+        self.rt.now = now
+        return self.primary.plain_begin(volume, offset, length)
+
+    def plain_written(self, vol: Volume, offset: int, length: int, now: float) -> list[Effect]:
+        """A ``plain_write`` is written: what the tasks it woke do next."""
+        self.rt.now = now
+        self.rt.call(self.primary.plain_end, vol, offset, length)
+        return self.rt.take()
+
     def _boot_exit(self, task: Task, error: BaseException | None, value: Any) -> None:
         if error is not None:
             self.task_errors["boot"] = f"{type(error).__name__}: {error}"

@@ -127,6 +127,19 @@ class Runtime:
                 self._ready.append((task, token, True, None))
             self._run()
 
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` (core code outside any task) as one step: the tasks it wakes run after it
+        returns, as they would after a task's step, never inside it."""
+        if self._running:
+            return fn(*args)
+        self._running = True
+        try:
+            result = fn(*args)
+        finally:
+            self._running = False
+        self._run()
+        return result
+
     def take(self) -> list[Effect]:
         """The effects produced since the last call."""
         out, self.out = self.out, []

@@ -48,12 +48,14 @@ class RegionLocks:
 
     def release(self, regions: range) -> None:
         self.held.difference_update(regions)
-        self._grant()
+        if self.queue:
+            self._grant()
 
     def _grant(self) -> None:
         """Grant waiters in order; a waiter blocks later ones that overlap it (no overtaking)."""
         blocked: set[int] = set()
         keep: deque[tuple[int, range]] = deque()
+        woken = []
         for ticket, regions in self.queue:
             if any(r in self.held or r in blocked for r in regions):
                 blocked.update(regions)
@@ -61,8 +63,10 @@ class RegionLocks:
                 continue
             self.held.update(regions)
             self.granted.add(ticket)
-            self.rt.notify(("locks", self.name, ticket))
+            woken.append(ticket)
         self.queue = keep
+        for ticket in woken:        # after the queue is right: a woken task may release at once
+            self.rt.notify(("locks", self.name, ticket))
 
 
 def bitmap_bytes(info: VolumeInfo, kind: str, region_bytes: int) -> int:

@@ -21,6 +21,7 @@ from .. import wire
 from ..core import effects as E
 from ..core.config import Config
 from ..core.node import Boot, BootState, Completed, HostIo, Incoming, NodeCore
+from ..core.runtime import DECLINED
 from ..core.vvol import VvolCore
 from ..errors import NodeUnreachable, RcopyError
 from .disk import SimFile, SimJournal
@@ -104,6 +105,12 @@ class World:
         self.ids = itertools.count(1)      # host write and request ids, unique in the run
         self._handled = 0
         self.events_max = 400_000          # a seed needs ~2,000; far more means a loop that never waits
+        # Half the seeds write a volume in no pair the way the real driver does, without a task
+        # (NodeCore.plain_write); its own generator, so the other draws stay as they were.
+        draw = random.Random(seed * 31 + 7)
+        self.plain_writes = draw.random() < 0.5
+        # ... and half carry out small page-cache writes inside the core's step (Runtime.immediate)
+        self.immediate_io = draw.random() < 0.5
 
     # ------------------------------------------------------------------ scheduling
     def at(self, when: float, fn: Callable[..., None], *args: Any) -> None:
@@ -164,6 +171,8 @@ class World:
                 d.core = VvolCore(d.name, {})
             return
         d.core = NodeCore(d.name, d.name, self.cfg)
+        if self.immediate_io:
+            d.core.rt.immediate = lambda eff, d=d: self._immediate(d, eff)
         st = BootState(
             mgmt=json.loads(json.dumps(d.disk.mgmt)) if d.disk.mgmt is not None else None,
             bitmaps={k: bytes(f.current) for k, f in d.disk.bitmaps.items()},
@@ -255,6 +264,20 @@ class World:
                                     E.JournalDiscard, E.JournalCreate))
             t1 = self._disk_latency(d) if not sync else self._disk_latency(d, True) * self.rnd.random()
             self.after(t1, self._gated, d, self._storage, d, inc, eff, sync)
+
+    def _immediate(self, d: Daemon, eff: Any) -> Any:
+        """A volume write, journal append or bitmap put carried out at once, inside the core's
+        step, as the real driver does (Runtime.immediate): it lands in the page cache now."""
+        if type(eff) not in (E.VolWrite, E.JournalAppend, E.BitmapPut):
+            return DECLINED
+        if self.verbose:
+            self.log(f"{d.name} = {_describe(eff)} (at once)")
+        for tap in self.taps + self.landed:
+            tap(d, eff)
+        try:
+            return self.storage(d, eff)
+        except RcopyError as exc:
+            return exc
 
     def _storage(self, d: Daemon, inc: int, eff: Any, sync: bool) -> None:
         if d.incarnation != inc:
@@ -394,8 +417,43 @@ class World:
             return
         f = msg.fields
         target.nbd_inflight[req] = (caller, req[1])
-        self._gated(target, target.deliver, HostIo(req, f["op"], f["volume"], f["offset"], f["length"],
-                                                   msg.payloads[0] if msg.payloads else None, bool(f.get("fua"))))
+        io = HostIo(req, f["op"], f["volume"], f["offset"], f["length"],
+                    msg.payloads[0] if msg.payloads else None, bool(f.get("fua")))
+        if self.plain_writes and io.op == "write" and not io.fua:
+            self._gated(target, self._plain_write, target, io)
+        else:
+            self._gated(target, target.deliver, io)
+
+    def _plain_write(self, d: Daemon, io: HostIo) -> None:
+        """A write as the real driver makes it when the core lets it by without a task: the core
+        admits it, the bytes land after a disk latency, then the core is told and the host answered."""
+        if not d.up:
+            return
+        try:
+            vol = d.core.plain_write(io.volume, io.offset, io.length, self.now)
+        except RcopyError as exc:
+            self._host_done(d, E.HostDone(io.req, error=exc))
+            return
+        if vol is None:
+            d.deliver(io)
+            return
+        # sometimes a long stall (page cache writeback): a pair create or a migration step may run meanwhile
+        stall = self.rnd.uniform(0.001, 0.02) if self.rnd.random() < 0.2 else 0.0
+        self.after(self._disk_latency(d) + stall, self._gated, d, self._plain_landed, d, d.incarnation, io, vol)
+
+    def _plain_landed(self, d: Daemon, inc: int, io: HostIo, vol: Any) -> None:
+        if d.incarnation != inc:
+            return
+        eff = E.VolWrite(io.volume, io.offset, io.data)
+        if self.verbose:
+            self.log(f"{d.name} = {_describe(eff)} (a write without a task)")
+        for tap in self.taps + self.landed:
+            tap(d, eff)
+        self.storage(d, eff)
+        for out in d.core.plain_written(vol, io.offset, io.length, self.now):
+            self.execute(d, out)
+        self.after_step(d)
+        self._host_done(d, E.HostDone(io.req))
 
     def _host_done(self, d: Daemon, eff: Any) -> None:
         if d.kind == "node":

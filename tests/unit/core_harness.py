@@ -29,9 +29,13 @@ class Harness:
         self.feed(Boot(boot or BootState(incarnation=f"{name}#1")))
 
     def feed(self, event: Any) -> None:
-        todo = [event]
-        while todo:
-            for eff in self.core.handle(todo.pop(0), self.now):
+        self.feed_effects(self.core.handle(event, self.now))
+
+    def feed_effects(self, effects: list[Any]) -> None:
+        """Carry out ``effects`` (and feed back what follows from them) as the driver would."""
+        todo: list[Any] = []
+        while True:
+            for eff in effects:
                 self.trace.append(eff)
                 if isinstance(eff, E.Call):
                     self.calls.append(eff)
@@ -50,6 +54,9 @@ class Harness:
                     except Exception as exc:  # noqa: BLE001
                         result = exc
                     todo.append(Completed(eff.op, result))
+            if not todo:
+                return
+            effects = self.core.handle(todo.pop(0), self.now)
 
     # ------------------------------------------------------------------ helpers
     def request(self, kind: str, payloads: list[bytes] | None = None, **fields: Any) -> wire.Message | None:

@@ -426,3 +426,28 @@ def test_a_pair_verify_marked_stays_suspended_until_the_operator_resumes_it() ->
     assert not any(isinstance(e, E.Call) and e.msg.kind == "pair.resync_begin" for e in h.trace)
     h.request("pair.resume", volume="v1")
     assert h.pending("pair.resync_begin")
+
+
+def test_a_plain_write_holds_its_regions_and_its_count_until_it_is_written() -> None:
+    """NodeCore.plain_write (a volume in no pair written without a task): while its bytes are
+    being written, the initial copy of a pair created meanwhile waits for its region (so the copy
+    reads the new bytes) and the volume cannot be deleted; a pair or a held region sends writes
+    back to the task."""
+    h = Harness("site-a1")
+    h.ok("volume.create", name="v1", size=SIZE)
+    vol = h.core.plain_write("v1", 0, 512, h.now)
+    assert vol is not None and vol.inflight == 1
+    assert h.core.plain_write("v1", 256, 512, h.now) is None      # its region is held: the task waits
+    with pytest.raises(Exception, match="outside"):
+        h.core.plain_write("v1", SIZE - 256, 512, h.now)
+    assert "in flight" in str(h.request("volume.delete", name="v1").fields)
+    h.request("pair.create", volume="v1", mode="sync", secondary=B)
+    h.answer(h.pending("pair.join")[0], wire.ok())
+    h.advance(0.1)
+    assert not [c for c in h.pending("pair.write") if c.msg["offset"] == 0]   # region 0 waits
+    h.world.storage(h.daemon, E.VolWrite("v1", 0, block("n")))                 # the bytes land
+    h.feed_effects(h.core.plain_written(vol, 0, 512, h.now))
+    h.advance(0.1)
+    copy = [c for c in h.pending("pair.write") if c.msg["offset"] == 0]
+    assert copy and bytes(copy[0].msg.payloads[0][:512]) == block("n")
+    assert vol.inflight == 0 and h.core.plain_write("v1", 1024, 512, h.now) is None   # a pair now

@@ -26,7 +26,9 @@ REGRESSIONS = {
          "write in a dirty region bypassed the journal while an older entry there was live, and the "
          "roll-forward after a power loss wrote the entry over it",
     525: "a pair became duplex before its cleared bits were durable (power loss)",
-    1753: "a restarted primary counted entries still in the page cache as durable and sent them",
+    1753: "a restarted primary counted entries still in the page cache as durable and sent them; "
+          "(with writes carried out at once) a restart after a kill cleared the activity log before "
+          "the journal it relied on was durable, and a power loss next kept a write no one sent",
     2350: "resuming a migration whose preparation was cut short skipped the registrations",
     2714: "the journal's meta counter covered entries that were never synced",
     3051: "the checker: a write that reached V3 by a copy before its retry was numbered",
