@@ -1,4 +1,5 @@
-"""CPU time of processes and their threads from /proc (for scripts/bench and scripts/profile)."""
+"""CPU time of processes and their threads from /proc, bytes a disk wrote from /sys (for scripts/bench
+and scripts/profile)."""
 from __future__ import annotations
 
 import os
@@ -34,3 +35,14 @@ def machine_cpu_s() -> tuple[float, float]:
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, idle, iowait, irq, softirq = f[:7]
     return (user + nice + system + irq + softirq) / TICK, (system + irq + softirq) / TICK
+
+
+def disk_written_bytes(path: Path | str) -> int:
+    """Bytes the block device holding ``path`` has written since boot (/sys/dev/block/M:m/stat);
+    0 if there is no such device (tmpfs, overlay)."""
+    dev = os.stat(path).st_dev
+    stat = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
+    try:
+        return int(stat.read_text().split()[6]) * 512
+    except (OSError, IndexError, ValueError):
+        return 0

@@ -13,8 +13,8 @@ node; the driver serialises calls into it.
 A driver may also carry out some effects at once, while the core's step runs
 (``immediate``): a write to the page cache takes a few microseconds, less than a
 round trip through the driver. The task then resumes in the same step, as if the
-effect had completed without delay, which is one of the schedules the simulator
-(which never sets ``immediate``) already runs.
+effect had completed without delay, which is a schedule the simulator also runs (on half
+its seeds it sets ``immediate`` too).
 """
 from __future__ import annotations
 
