@@ -270,14 +270,19 @@ class World:
         step, as the real driver does (Runtime.immediate): it lands in the page cache now."""
         if type(eff) not in (E.VolWrite, E.JournalAppend, E.BitmapPut):
             return DECLINED
-        if self.verbose:
-            self.log(f"{d.name} = {_describe(eff)} (at once)")
-        for tap in self.taps + self.landed:
-            tap(d, eff)
         try:
-            return self.storage(d, eff)
+            return self._land_now(d, eff, "at once")
         except RcopyError as exc:
             return exc
+
+    def _land_now(self, d: Daemon, eff: Any, how: str) -> Any:
+        """A storage effect the core never put out (it was carried out inside a step, or by a
+        write without a task): every tap sees it as it lands."""
+        if self.verbose:
+            self.log(f"{d.name} = {_describe(eff)} ({how})")
+        for tap in self.taps + self.landed:
+            tap(d, eff)
+        return self.storage(d, eff)
 
     def _storage(self, d: Daemon, inc: int, eff: Any, sync: bool) -> None:
         if d.incarnation != inc:
@@ -444,12 +449,7 @@ class World:
     def _plain_landed(self, d: Daemon, inc: int, io: HostIo, vol: Any) -> None:
         if d.incarnation != inc:
             return
-        eff = E.VolWrite(io.volume, io.offset, io.data)
-        if self.verbose:
-            self.log(f"{d.name} = {_describe(eff)} (a write without a task)")
-        for tap in self.taps + self.landed:
-            tap(d, eff)
-        self.storage(d, eff)
+        self._land_now(d, E.VolWrite(io.volume, io.offset, io.data), "a write without a task")
         for out in d.core.plain_written(vol, io.offset, io.length, self.now):
             self.execute(d, out)
         self.after_step(d)
