@@ -152,18 +152,26 @@ class Driver:
         for eff in effects:
             self._hand_off(eff)
 
-    def plain_write(self, volume: str, offset: int, length: int, write: Callable[[], None]) -> bool:
-        """A host write the core lets by without a task (NodeCore.plain_write): ``write`` puts the
-        bytes outside the lock, then the core is told. False: feed the write as HostIo."""
+    def direct_write(self, req: HostRequest, volume: str, offset: int, data: Any,
+                     write: Callable[[Any], None]) -> bool:
+        """A host write the core admits without a task (NodeCore.direct_write; an async one is
+        journaled in that call, under the lock): ``write`` puts the bytes it gives outside the
+        lock, then the core is told. False: feed the write as HostIo. When the journal append
+        failed, a task finishes the write and answers ``req``: wait for it."""
         with self.lock:
-            vol = self.core.plain_write(volume, offset, length, time.monotonic())
-        if vol is None:
+            w = self.core.direct_write(req, volume, offset, data, time.monotonic(), self._store)
+        if w is None:
             return False
+        for eff in w.effects:
+            self._hand_off(eff)
+        if w.as_task:
+            req.wait()
+            return True
         try:
-            write()
+            write(w.data)
         finally:
             with self.lock:
-                effects = self.core.plain_written(vol, offset, length, time.monotonic())
+                effects = self.core.direct_written(w, time.monotonic())
             for eff in effects:
                 self._hand_off(eff)
         return True

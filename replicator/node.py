@@ -72,10 +72,11 @@ class Node:
         return data
 
     def write(self, volume: str, data: Any, offset: int, fua: bool = False) -> None:
-        """A volume in no pair and no migration is written straight from nbdkit's buffer (the core
-        still admits it and holds its regions); anything else goes through the core's task."""
-        if not fua and self.driver.plain_write(
-                volume, offset, len(data), lambda: self.storage.run(VolWrite(volume, offset, data))):
+        """The common case (a volume in no pair, or a duplex async primary; core/direct.py) is
+        admitted and journaled in one call and written from nbdkit's buffer (a volume without a
+        pair: without a copy); anything else goes through the core's task."""
+        if not fua and self.driver.direct_write(
+                HostRequest(), volume, offset, data, lambda d: self.storage.run(VolWrite(volume, offset, d))):
             return
         self._host("write", volume, offset, len(data), bytes(data), fua)
 

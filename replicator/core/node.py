@@ -21,8 +21,9 @@ from typing import Any, Callable, Generator
 
 from .. import wire
 from ..errors import NotFound, ProtocolError, RcopyError, StateError, UsageError
-from . import tables as T
+from . import direct, tables as T
 from .config import Config
+from .direct import DirectWrite
 from .effects import Call, Effect, HostDone, Log, Reply, SaveMgmt
 from .model import (DestGroupInfo, SourceGroupInfo, SourceMigration, TargetMigration, VolumeInfo,
                     migration_from_dict)
@@ -143,16 +144,21 @@ class NodeCore:
             self.rt.spawn(self._boot(event.state), "boot", on_exit=self._boot_exit)
         return self.rt.take()
 
-    def plain_write(self, volume: str, offset: int, length: int, now: float) -> Volume | None:
-        """Start a host write that needs nothing but the volume's bytes, without a task
-        (PrimarySide.plain_begin); None: feed it as HostIo. Raises for a bad range."""
+    def direct_write(self, req: Any, volume: str, offset: int, data: Any, now: float,
+                     store: Callable[[Effect], Any]) -> DirectWrite | None:
+        """Admit a host write without a task (core/direct.py): the caller writes ``w.data`` to the
+        volume, then calls ``direct_written``; unless ``w.as_task``: then a task answers ``req``.
+        None: feed it as HostIo. Raises for a bad range."""
         self.rt.now = now
-        return self.primary.plain_begin(volume, offset, length)
+        w = self.rt.call(direct.begin, self.primary, req, volume, offset, data, store)
+        if w is not None:
+            w.effects = self.rt.take()
+        return w
 
-    def plain_written(self, vol: Volume, offset: int, length: int, now: float) -> list[Effect]:
-        """A ``plain_write`` is written: what the tasks it woke do next."""
+    def direct_written(self, w: DirectWrite, now: float) -> list[Effect]:
+        """A ``direct_write`` is written: what the tasks it woke do next."""
         self.rt.now = now
-        self.rt.call(self.primary.plain_end, vol, offset, length)
+        self.rt.call(direct.end, self.primary, w)
         return self.rt.take()
 
     def _boot_exit(self, task: Task, error: BaseException | None, value: Any) -> None:
@@ -161,30 +167,37 @@ class NodeCore:
             self.log("error", f"start-up failed: {error}")
 
     def _host(self, ev: HostIo) -> Generator[Any, Any, None]:
+        yield from self.answer(ev.req, ev.op, self._host_io(ev))
+
+    def answer(self, req: Any, op: str, work: Generator[Any, Any, Any]) -> Generator[Any, Any, None]:
+        """Run a host request's ``work`` and answer the host: its value, or the error."""
         try:
-            while not self.ready:
-                yield Wait("ready")
-            vol = self.volume(ev.volume)
-            if ev.op in ("read", "extents"):
-                read = self.primary.host_read if ev.op == "read" else self.primary.host_extents
-                data = yield from read(vol, ev.offset, ev.length)
-                self.rt.emit(HostDone(ev.req, data))
-                return
-            if ev.op == "write":
-                assert ev.data is not None
-                yield from self.primary.host_write(vol, ev.offset, ev.data, ev.fua)
-            elif ev.op == "flush":
-                yield from self.primary.host_flush(vol)
-            elif ev.op in ("trim", "zero"):
-                yield from self.primary.host_trim(vol, ev.offset, ev.length, ev.fua)
-            else:
-                raise UsageError(f"unknown host request {ev.op!r}")
-            self.rt.emit(HostDone(ev.req))
+            data = yield from work
+            self.rt.emit(HostDone(req, data))
         except RcopyError as exc:
-            self.rt.emit(HostDone(ev.req, error=exc))
+            self.rt.emit(HostDone(req, error=exc))
         except Exception as exc:  # noqa: BLE001 - a bug: the host gets EIO, the node keeps serving
-            self.log("bug", f"host {ev.op} failed with {type(exc).__name__}: {exc}")
-            self.rt.emit(HostDone(ev.req, error=RcopyError(f"internal error: {exc}")))
+            self.log("bug", f"host {op} failed with {type(exc).__name__}: {exc}")
+            self.rt.emit(HostDone(req, error=RcopyError(f"internal error: {exc}")))
+
+    def _host_io(self, ev: HostIo) -> Generator[Any, Any, Any]:
+        while not self.ready:
+            yield Wait("ready")
+        vol = self.volume(ev.volume)
+        if ev.op in ("read", "extents"):
+            read = self.primary.host_read if ev.op == "read" else self.primary.host_extents
+            data = yield from read(vol, ev.offset, ev.length)
+            return data
+        if ev.op == "write":
+            assert ev.data is not None
+            yield from self.primary.host_write(vol, ev.offset, ev.data, ev.fua)
+        elif ev.op == "flush":
+            yield from self.primary.host_flush(vol)
+        elif ev.op in ("trim", "zero"):
+            yield from self.primary.host_trim(vol, ev.offset, ev.length, ev.fua)
+        else:
+            raise UsageError(f"unknown host request {ev.op!r}")
+        return None
 
     def _request(self, ev: Incoming) -> Generator[Any, Any, None]:
         msg = ev.msg
@@ -384,7 +397,7 @@ class NodeCore:
             vols.append({"node": self.name, "name": info.name, "size": info.size,
                          "rw_mode": info.rw_mode, "role": info.role,
                          "consistent": info.consistent, "copy_epoch": info.copy_epoch, "writes": v.writes,
-                         "bytes_written": v.bytes_written,
+                         "direct_writes": v.direct_writes, "bytes_written": v.bytes_written,
                          "copy_source_valid": info.copy_source_valid if info.role == "secondary" else None,
                          "copy_sources": [p.label for p in info.copy_source_info] if info.role == "secondary"
                          else None,

@@ -267,35 +267,6 @@ class PrimarySide:
         finally:
             self.core.mig.done(vol)
 
-    def plain_begin(self, name: str, offset: int, length: int) -> "Volume | None":
-        """A host write to a volume in no pair and no migration, without a task: host_write's
-        checks and holds (the in-flight count, the region locks, taken only if free) in one call.
-        The caller then writes the bytes (outside the driver's lock, like a task parked on its
-        VolWrite) and calls ``plain_end``. None when anything else applies: take host_write."""
-        core = self.core
-        vol = core.volumes.get(name)
-        if vol is None or not core.ready:
-            return None
-        info = vol.info
-        if info.remote_copy_flag != "off" or info.rw_mode != T.NORMAL or info.migration:
-            return None
-        vol.check(offset, length)
-        regions = vol.regions(offset, length)
-        locks = vol.locks
-        if locks.queue or not locks.held.isdisjoint(regions):
-            return None
-        locks.held.update(regions)
-        vol.inflight += 1
-        vol.writes += 1
-        vol.bytes_written += length
-        return vol
-
-    def plain_end(self, vol: "Volume", offset: int, length: int) -> None:
-        """The bytes of a ``plain_begin`` write are written (or failed): count it, let go."""
-        vol.syncer.wrote()
-        vol.locks.release(vol.regions(offset, length))
-        self.core.mig.done(vol)
-
     def host_flush(self, vol: "Volume") -> Generator[Any, Any, None]:
         mode = yield from self.core.mig.admit(vol, write=False)
         if mode == T.THROUGH:            # V1 holds the data: the flush is its to do

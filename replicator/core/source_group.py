@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generator
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from .. import wire
 from ..errors import RangeNotStored, RcopyError
@@ -152,7 +152,7 @@ class SourceGroup:
             entries = []
             for p, size in zip(batch[:n], sizes[:n]):
                 self.pending.popleft()
-                entries.append(self._number(p, size))
+                entries.append(self.number(p, size))
             yield from self._append(entries)
 
     def append(self, vol: "Volume", offset: int, data: bytes | memoryview) -> Generator[Any, Any, tuple[Pending, bool]]:
@@ -167,10 +167,10 @@ class SourceGroup:
             self.core.rt.notify(("append", self.name))
             journaled = yield from self.wait_stored(p)
             return p, journaled
-        yield from self._append([self._number(p, size)])
+        yield from self._append([self.number(p, size)])
         return p, True
 
-    def _number(self, p: Pending, size: int) -> JEntry:
+    def number(self, p: Pending, size: int) -> JEntry:
         """Give a queued write its sequence number and its place in the ring."""
         p.seq = self.counter
         self.counter += 1
@@ -185,25 +185,44 @@ class SourceGroup:
 
     def _append(self, entries: list[JEntry]) -> Generator[Any, Any, None]:
         """Store numbered entries (one append at a time: ``appending``); a failure folds."""
-        rt = self.core.rt
         self._sample(entries[-1].seq)
         self.appending = True
         try:
             yield JournalAppend(self.name, entries)
         except RcopyError as exc:
-            self.appending = False
-            self.core.log("error", f"journal {self.name}: append failed ({exc}); folding")
-            self.stored = entries[-1].seq   # the space is allocated; the fold marks and frees it
-            rt.notify(("appended", self.name))
-            rt.notify(("append", self.name))
-            yield from self.fold(f"journal write failed: {exc}")
+            yield from self.append_failed(entries, exc)
             return
+        self._appended(entries)
+
+    def append_now(self, entries: list[JEntry], store: Callable[[Any], Any]) -> RcopyError | None:
+        """``_append`` for a caller that stores the entries at once (``store`` carries out the
+        JournalAppend): None once stored, or the error, to go on with ``append_failed``."""
+        self._sample(entries[-1].seq)
+        self.appending = True
+        result = store(JournalAppend(self.name, entries))
+        if isinstance(result, BaseException):
+            return result if isinstance(result, RcopyError) else RcopyError(f"journal append failed: {result}")
+        self._appended(entries)
+        return None
+
+    def _appended(self, entries: list[JEntry]) -> None:
+        rt = self.core.rt
         self.appending = False
         self.stored = entries[-1].seq
         self._keep(entries)
         rt.notify(("stored", self.name))
         rt.notify(("appended", self.name))
         rt.notify(("append", self.name))      # the appender takes what queued meanwhile
+
+    def append_failed(self, entries: list[JEntry], exc: RcopyError) -> Generator[Any, Any, None]:
+        """The append of ``entries`` failed: fold every unapplied entry (these too) into the bitmaps."""
+        rt = self.core.rt
+        self.appending = False
+        self.core.log("error", f"journal {self.name}: append failed ({exc}); folding")
+        self.stored = entries[-1].seq   # the space is allocated; the fold marks and frees it
+        rt.notify(("appended", self.name))
+        rt.notify(("append", self.name))
+        yield from self.fold(f"journal write failed: {exc}")
 
     def _keep(self, entries: list[JEntry]) -> None:
         room = self.core.cfg.push_cache_bytes - self.cache_bytes

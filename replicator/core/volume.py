@@ -31,9 +31,15 @@ class RegionLocks:
         self.granted: set[int] = set()
         self._ticket = 0
 
+    def try_acquire(self, regions: range) -> bool:
+        """Take ``regions`` now if they are free and nobody queues (so nobody is overtaken)."""
+        if self.queue or not self.held.isdisjoint(regions):
+            return False
+        self.held.update(regions)
+        return True
+
     def acquire(self, regions: range) -> Generator[Any, Any, None]:
-        if not self.queue and not any(r in self.held for r in regions):
-            self.held.update(regions)
+        if self.try_acquire(regions):
             return
         self._ticket += 1
         ticket = self._ticket
@@ -89,6 +95,7 @@ class Volume:
     active_write: dict[int, int] = field(default_factory=dict)  # sync: syncer count after its last write
     active_at: dict[int, float] = field(default_factory=dict)   # when a write last entered the region
     writes: int = 0
+    direct_writes: int = 0           # ... of which admitted without a task (core/direct.py)
     bytes_written: int = 0
     copied_bytes: int = 0            # initial copy and resync: data sent as payloads
     zeroed_bytes: int = 0            # ... and sent as zero commands (holes, all-zero data)

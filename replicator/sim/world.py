@@ -105,10 +105,11 @@ class World:
         self.ids = itertools.count(1)      # host write and request ids, unique in the run
         self._handled = 0
         self.events_max = 400_000          # a seed needs ~2,000; far more means a loop that never waits
-        # Half the seeds write a volume in no pair the way the real driver does, without a task
-        # (NodeCore.plain_write); its own generator, so the other draws stay as they were.
+        # Half the seeds make host writes the way the real driver does, without a task where the
+        # core admits it (NodeCore.direct_write: a volume in no pair, an async primary); its own
+        # generator, so the other draws stay as they were.
         draw = random.Random(seed * 31 + 7)
-        self.plain_writes = draw.random() < 0.5
+        self.direct_writes = draw.random() < 0.5
         # ... and half carry out small page-cache writes inside the core's step (Runtime.immediate)
         self.immediate_io = draw.random() < 0.5
 
@@ -270,8 +271,12 @@ class World:
         step, as the real driver does (Runtime.immediate): it lands in the page cache now."""
         if type(eff) not in (E.VolWrite, E.JournalAppend, E.BitmapPut):
             return DECLINED
+        return self._land_or_fail(d, eff, "at once")
+
+    def _land_or_fail(self, d: Daemon, eff: Any, how: str) -> Any:
+        """``_land_now``, with the disk's error as the result (what a task would get)."""
         try:
-            return self._land_now(d, eff, "at once")
+            return self._land_now(d, eff, how)
         except RcopyError as exc:
             return exc
 
@@ -424,33 +429,40 @@ class World:
         target.nbd_inflight[req] = (caller, req[1])
         io = HostIo(req, f["op"], f["volume"], f["offset"], f["length"],
                     msg.payloads[0] if msg.payloads else None, bool(f.get("fua")))
-        if self.plain_writes and io.op == "write" and not io.fua:
-            self._gated(target, self._plain_write, target, io)
+        if self.direct_writes and io.op == "write" and not io.fua:
+            self._gated(target, self._direct_write, target, io)
         else:
             self._gated(target, target.deliver, io)
 
-    def _plain_write(self, d: Daemon, io: HostIo) -> None:
-        """A write as the real driver makes it when the core lets it by without a task: the core
-        admits it, the bytes land after a disk latency, then the core is told and the host answered."""
+    def _direct_write(self, d: Daemon, io: HostIo) -> None:
+        """A write as the real driver makes it when the core admits it without a task: admitted
+        (and, async, journaled at once) in one call, the bytes land after a disk latency, then
+        the core is told and the host answered."""
         if not d.up:
             return
         try:
-            vol = d.core.plain_write(io.volume, io.offset, io.length, self.now)
+            w = d.core.direct_write(io.req, io.volume, io.offset, io.data, self.now,
+                                    lambda eff: self._land_or_fail(d, eff, "without a task"))
         except RcopyError as exc:
             self._host_done(d, E.HostDone(io.req, error=exc))
             return
-        if vol is None:
+        if w is None:
             d.deliver(io)
             return
+        for out in w.effects:
+            self.execute(d, out)
+        self.after_step(d)
+        if w.as_task:
+            return                       # its append failed: the task that finishes it answers
         # sometimes a long stall (page cache writeback): a pair create or a migration step may run meanwhile
         stall = self.rnd.uniform(0.001, 0.02) if self.rnd.random() < 0.2 else 0.0
-        self.after(self._disk_latency(d) + stall, self._gated, d, self._plain_landed, d, d.incarnation, io, vol)
+        self.after(self._disk_latency(d) + stall, self._gated, d, self._direct_landed, d, d.incarnation, io, w)
 
-    def _plain_landed(self, d: Daemon, inc: int, io: HostIo, vol: Any) -> None:
+    def _direct_landed(self, d: Daemon, inc: int, io: HostIo, w: Any) -> None:
         if d.incarnation != inc:
             return
-        self._land_now(d, E.VolWrite(io.volume, io.offset, io.data), "a write without a task")
-        for out in d.core.plain_written(vol, io.offset, io.length, self.now):
+        self._land_now(d, E.VolWrite(io.volume, io.offset, w.data), "a write without a task")
+        for out in d.core.direct_written(w, self.now):
             self.execute(d, out)
         self.after_step(d)
         self._host_done(d, E.HostDone(io.req))

@@ -74,6 +74,25 @@ class Harness:
         self.feed(HostIo(req, "write", volume, offset, len(data), data, fua))
         return req
 
+    def direct(self, volume: str, offset: int, data: Any, fail: BaseException | None = None) -> Any:
+        """NodeCore.direct_write as the driver makes it (the journal append stored at once, or
+        failing with ``fail``), its effects carried out; the host's request is ``last_req``."""
+        self.last_req = ("host", len(self.host) + 5000 + len(self.calls))
+
+        def store(eff: Any) -> Any:
+            if fail is not None and isinstance(eff, E.JournalAppend):
+                return fail
+            return self.world.storage(self.daemon, eff)
+        w = self.core.direct_write(self.last_req, volume, offset, data, self.now, store)
+        if w is not None:
+            self.feed_effects(w.effects)
+        return w
+
+    def direct_landed(self, w: Any) -> None:
+        """The volume write of a direct write lands, then the core is told."""
+        self.world.storage(self.daemon, E.VolWrite(w.vol.name, w.offset, w.data))
+        self.feed_effects(self.core.direct_written(w, self.now))
+
     def answer(self, call: E.Call, reply: wire.Message | BaseException) -> None:
         self.calls.remove(call)
         self.feed(Completed(call.op, reply))

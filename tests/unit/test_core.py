@@ -16,7 +16,7 @@ from replicator.core import tables as T
 from replicator.core.bitmap import DiffMap
 from replicator.core.journal_space import RECORD_HEADER_BYTES
 from replicator.core.migration import source_key
-from replicator.errors import IntegrityError, NodeUnreachable, StateError
+from replicator.errors import IntegrityError, NodeUnreachable, RcopyError, StateError
 
 from .core_harness import Harness
 
@@ -429,25 +429,68 @@ def test_a_pair_verify_marked_stays_suspended_until_the_operator_resumes_it() ->
 
 
 def test_a_plain_write_holds_its_regions_and_its_count_until_it_is_written() -> None:
-    """NodeCore.plain_write (a volume in no pair written without a task): while its bytes are
+    """NodeCore.direct_write (a volume in no pair written without a task): while its bytes are
     being written, the initial copy of a pair created meanwhile waits for its region (so the copy
     reads the new bytes) and the volume cannot be deleted; a pair or a held region sends writes
     back to the task."""
     h = Harness("site-a1")
     h.ok("volume.create", name="v1", size=SIZE)
-    vol = h.core.plain_write("v1", 0, 512, h.now)
-    assert vol is not None and vol.inflight == 1
-    assert h.core.plain_write("v1", 256, 512, h.now) is None      # its region is held: the task waits
+    w = h.direct("v1", 0, block("n"))
+    vol = w.vol
+    assert vol.inflight == 1 and w.group is None and w.data == block("n")
+    assert h.direct("v1", 256, block("m")) is None      # its region is held: the task waits
     with pytest.raises(Exception, match="outside"):
-        h.core.plain_write("v1", SIZE - 256, 512, h.now)
+        h.direct("v1", SIZE - 256, block("m"))
     assert "in flight" in str(h.request("volume.delete", name="v1").fields)
     h.request("pair.create", volume="v1", mode="sync", secondary=B)
     h.answer(h.pending("pair.join")[0], wire.ok())
     h.advance(0.1)
     assert not [c for c in h.pending("pair.write") if c.msg["offset"] == 0]   # region 0 waits
-    h.world.storage(h.daemon, E.VolWrite("v1", 0, block("n")))                 # the bytes land
-    h.feed_effects(h.core.plain_written(vol, 0, 512, h.now))
+    h.direct_landed(w)                                                          # the bytes land
     h.advance(0.1)
     copy = [c for c in h.pending("pair.write") if c.msg["offset"] == 0]
     assert copy and bytes(copy[0].msg.payloads[0][:512]) == block("n")
-    assert vol.inflight == 0 and h.core.plain_write("v1", 1024, 512, h.now) is None   # a pair now
+    assert vol.inflight == 0 and h.direct("v1", 1024, block("m")) is None   # a sync pair now
+
+
+def test_an_async_write_without_a_task_is_journaled_first_and_holds_until_written() -> None:
+    """NodeCore.direct_write on a duplex async primary: the entry is numbered and stored in the
+    call (before the volume write), the region, the in-flight count and the entry's volume write
+    are held until direct_written, and the journal keeps its own copy of the bytes (nbdkit reuses
+    its buffer). A region whose activity bit is not set yet goes through the task."""
+    h = primary("async")
+    g = h.core.primary.groups[h.core.volumes["v1"].info.group]
+    assert h.direct("v1", 0, block("a")) is None            # activity bit not set: the task sets it
+    h.write("v1", 0, block("a"))
+    buf = bytearray(block("b"))
+    w = h.direct("v1", 512, buf)
+    assert w is not None and w.group is g and w.seq == g.stored and not w.as_task
+    assert h.daemon.disk.journals[g.name].stored == w.seq           # journaled before the volume write
+    assert h.volume_file("v1")[512:1024] != block("b")
+    assert w.vol.inflight == 1 and w.seq in g.writing
+    assert h.direct("v1", 700, block("c")) is None          # its region is held
+    h.direct_landed(w)
+    buf[:] = block("x")                                     # nbdkit's buffer, reused
+    assert h.volume_file("v1")[512:1024] == block("b")
+    assert w.vol.inflight == 0 and w.seq not in g.writing and not w.vol.locks.held
+    assert w.vol.active_seq[0] == w.seq
+    assert bytes(g.cache[w.seq].data) == block("b")
+
+
+def test_an_async_write_without_a_task_whose_append_fails_folds_then_writes() -> None:
+    """A failed journal append in direct_write goes on as host_write's task would: the journal
+    folds into the diff bitmap (the pair suspends), then the volume is written and the host answered."""
+    h = primary("async")
+    h.write("v1", 0, block("a"))
+    w = h.direct("v1", 1024, block("f"), fail=RcopyError("disk full"))
+    assert w is not None and w.as_task
+    for _ in range(20):
+        if h.last_req in h.host:
+            break
+        h.advance(0.1)
+    assert h.host[h.last_req].error is None
+    vol = w.vol
+    assert h.volume_file("v1")[1024:1536] == block("f")
+    assert vol.info.pair_state == T.SUSPENDED and vol.diff.any_set(1024, 512)
+    assert vol.inflight == 0 and not vol.locks.held and not vol.active
+    assert h.direct("v1", 2048, block("g")) is None         # suspended: tracked writes take the task

@@ -1,8 +1,9 @@
-"""Writes to a volume without a pair skip the core's task (NodeCore.plain_write): eight writers at
-once on a real node lose nothing and never hang (the first test hangs with the lost wake-up of
-region locks planted back), and a pair created while they write still ends with the secondary
-equal to the primary. That the initial copy waits for a write in flight is a race too narrow to
-hit reliably here: tests/unit/test_core.py and the simulator check it."""
+"""Writes the core admits without a task (NodeCore.direct_write: a volume without a pair, a duplex
+async primary): eight writers at once on a real node lose nothing and never hang (the first test
+hangs with the lost wake-up of region locks planted back), a pair created while they write still
+ends with the secondary equal to the primary, and on an async primary most writes take the path
+and every block reaches the secondary as last written. That the initial copy waits for a write in
+flight is a race too narrow to hit reliably here: tests/unit/test_core.py and the simulator check it."""
 from __future__ import annotations
 
 import hashlib
@@ -88,3 +89,32 @@ def test_a_pair_created_while_eight_writers_write_ends_equal(started):
     finally:
         h.shutdown()
     assert digest == hashlib.sha256(b"".join(last[b] for b in sorted(last))).hexdigest()
+
+
+def read_blocks(uri: str, blocks: list[int]) -> dict[int, bytes]:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        return {b: h.pread(4096, b * 4096) for b in blocks}
+    finally:
+        h.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_eight_writers_on_an_async_primary_reach_the_secondary_as_last_written(started):
+    t = started
+    t.volume_create("site-a1:v1", BLOCKS * 4096)
+    t.volume_create("site-b:v3", BLOCKS * 4096)
+    t.pair_create("site-a1:v1", "site-b:v3", mode="async")
+    t.wait_duplex("site-a1:v1", timeout_s=120)
+    last: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+    ts = writers(t.cluster.node("site-a1").nbd_uri("v1"), 8, threading.Event(), last, errors, rounds=800)
+    for th in ts:
+        th.join(timeout=120)
+    assert not errors and not any(th.is_alive() for th in ts), errors
+    t.wait_drained("site-a1:v1", "site-b:v3", 120)
+    v1 = next(v for v in t.status()["volumes"] if v["node"] == "site-a1" and v["name"] == "v1")
+    assert v1["writes"] >= 6400 and v1["direct_writes"] > v1["writes"] // 2, v1
+    assert read_blocks(t.cluster.node("site-b").nbd_uri("v3"), sorted(last)) == last
+    assert read_blocks(t.cluster.node("site-a1").nbd_uri("v1"), sorted(last)) == last
