@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from replicator.core.effects import Zeros
+from replicator import pagecache
 from replicator.core.journal_space import RingSpace
 from replicator.errors import IntegrityError, RangeNotStored, StateError, UsageError
 
@@ -129,7 +130,7 @@ def _parse_meta(raw: Any, where: str) -> _Meta:
 def _pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], pos: int) -> None:
     """Write ``buffers`` back to back at ``pos``, finishing a short write."""
     total = sum(len(b) for b in buffers)
-    done = os.pwritev(fd, buffers, pos)
+    done = pagecache.pwritev(fd, buffers, pos)
     if done < total:  # only on odd filesystems or a full disk; finish with plain pwrites
         rest = memoryview(b"".join(bytes(b) for b in buffers))[done:]
         while rest:

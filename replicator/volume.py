@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import pagecache
 from .errors import IOErrorRange
 
 _ZEROS = bytes(1 << 20)
@@ -53,7 +54,7 @@ class VolumeStore:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self.check(offset, len(data))
-        n = os.pwrite(self.fd, data, offset)
+        n = pagecache.pwrite(self.fd, data, offset)
         if n == len(data):
             return
         view = memoryview(data)[n:]

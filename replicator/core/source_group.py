@@ -212,7 +212,8 @@ class SourceGroup:
         self._keep(entries)
         rt.notify(("stored", self.name))
         rt.notify(("appended", self.name))
-        rt.notify(("append", self.name))      # the appender takes what queued meanwhile
+        if self.pending:                      # the appender takes what queued meanwhile (whoever
+            rt.notify(("append", self.name))  # queues later wakes it then)
 
     def append_failed(self, entries: list[JEntry], exc: RcopyError) -> Generator[Any, Any, None]:
         """The append of ``entries`` failed: fold every unapplied entry (these too) into the bitmaps."""
