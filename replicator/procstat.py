@@ -30,6 +30,19 @@ def thread_cpu_s(pid: int | str) -> dict[str, float]:
     return out
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of every thread of ``pid`` so far."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in task.joinpath("status").read_text().splitlines():
+                if line.endswith(tuple("0123456789")) and "ctxt_switches" in line:
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
 def machine_cpu_s() -> tuple[float, float]:
     """(busy, system) CPU seconds of the whole machine."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
