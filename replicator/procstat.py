@@ -36,7 +36,7 @@ def context_switches(pid: int) -> int:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             for line in task.joinpath("status").read_text().splitlines():
-                if line.endswith(tuple("0123456789")) and "ctxt_switches" in line:
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
                     total += int(line.split()[1])
         except OSError:
             continue

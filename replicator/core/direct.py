@@ -96,9 +96,7 @@ def _journal_now(side: "PrimarySide", vol: "Volume", g: SourceGroup, offset: int
     if g.throttle_s() or not g.space.fits([record_bytes(data)]) or side._tracked(vol, offset, length):
         return False
     act = vol.activity.regions(offset, length)
-    bf = vol.maps["activity"]
-    return (vol.activity.run(act.start, len(act)) == len(act) and bf.written >= bf.version
-            and bf.syncer.synced >= bf.syncer.written)
+    return vol.activity.run(act.start, len(act)) == len(act) and vol.maps["activity"].durable
 
 
 def _journal(side: "PrimarySide", w: DirectWrite, g: SourceGroup, req: Any, store: Store) -> None:

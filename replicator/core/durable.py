@@ -58,6 +58,11 @@ class BitmapFile:
         self._busy = False
         self.syncer = Syncer(rt, ("bitmap-sync", volume, kind), lambda: BitmapSync(volume, kind))
 
+    @property
+    def durable(self) -> bool:
+        """Is every change noted so far written to the file and synced?"""
+        return self.written >= self.version and self.syncer.synced >= self.syncer.written
+
     def note(self, change: Change | None) -> bool:
         """Record a change made to ``bits``; True if something changed."""
         if change is None:

@@ -451,8 +451,7 @@ class PrimarySide:
             vol.active[r] += 1
             vol.active_at[r] = now
         bf = vol.maps["activity"]
-        if bf.note(vol.activity.set_range(offset, length)) or bf.written < bf.version or \
-                bf.syncer.synced < bf.syncer.written:
+        if bf.note(vol.activity.set_range(offset, length)) or not bf.durable:
             yield from bf.persist(sync=True)       # durable before the write starts
         return regions
 
