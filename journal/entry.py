@@ -27,12 +27,15 @@ ZERO_DATA_BYTES = _ZERO_DATA.size
 _HEADER = struct.Struct("<4sBBHIQIQII")  # magic version type flags epoch seq volume offset length crc
 HEADER_SIZE = _HEADER.size  # 40
 _CRC_AT = HEADER_SIZE - 4   # the crc covers the header bytes before it, then the data
+_HEAD = struct.Struct("<4sBBHIQIQI")     # the header up to the crc
+_CRC = struct.Struct("<I")
+_TYPES = (ENTRY, WRAP, ZERO)
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 MAX_DATA_BYTES = U32_MAX
 
-assert HEADER_SIZE == 40
+assert HEADER_SIZE == 40 and _HEAD.size == _CRC_AT
 
 
 class CorruptEntry(IntegrityError):
@@ -75,16 +78,24 @@ def _check_range(name: str, value: int, low: int, high: int) -> None:
 def encode_header(seq: int, volume_id: int, offset: int, data: bytes | memoryview,
                   *, epoch: int = 0, type: int = ENTRY) -> bytes:
     """The header of a record holding ``data``; write it followed by ``data``."""
+    if seq < 1 or volume_id < (0 if type == WRAP else 1) or type not in _TYPES:
+        _check_fields(seq, volume_id, offset, len(data), epoch, type)
+    try:
+        head = _HEAD.pack(MAGIC, VERSION, type, 0, epoch, seq, volume_id, offset, len(data))
+    except struct.error:        # a field out of range: say which
+        _check_fields(seq, volume_id, offset, len(data), epoch, type)
+        raise
+    return head + _CRC.pack(zlib.crc32(data, zlib.crc32(head)))
+
+
+def _check_fields(seq: int, volume_id: int, offset: int, length: int, epoch: int, type: int) -> None:
     _check_range("seq", seq, 1, U64_MAX)
     _check_range("volume_id", volume_id, 0 if type == WRAP else 1, U32_MAX)
     _check_range("offset", offset, 0, U64_MAX)
-    _check_range("length", len(data), 0, MAX_DATA_BYTES)
+    _check_range("length", length, 0, MAX_DATA_BYTES)
     _check_range("epoch", epoch, 0, U32_MAX)
-    if type not in (ENTRY, WRAP, ZERO):
+    if type not in _TYPES:
         raise ValueError(f"unknown journal record type {type}")
-    head = _HEADER.pack(MAGIC, VERSION, type, 0, epoch, seq, volume_id, offset, len(data), 0)[:_CRC_AT]
-    crc = zlib.crc32(data, zlib.crc32(head))
-    return head + struct.pack("<I", crc)
 
 
 def encode(seq: int, volume_id: int, offset: int, data: bytes, *, epoch: int = 0) -> bytes:

@@ -129,8 +129,8 @@ def _parse_meta(raw: Any, where: str) -> _Meta:
 
 def _pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], pos: int) -> None:
     """Write ``buffers`` back to back at ``pos``, finishing a short write."""
-    total = sum(len(b) for b in buffers)
-    done = pagecache.pwritev(fd, buffers, pos)
+    total = sum(map(len, buffers))
+    done = pagecache.pwritev(fd, buffers, pos, total)
     if done < total:  # only on odd filesystems or a full disk; finish with plain pwrites
         rest = memoryview(b"".join(bytes(b) for b in buffers))[done:]
         while rest:
@@ -247,22 +247,11 @@ class Journal:
         counter); records that lie back to back go in one pwritev. Returns the last number.
         On an error the records of the failing run and after it are not stored (nothing of them
         stays in memory); JournalFull on the first record changes nothing."""
-        prepared = []
-        for volume, offset, data in writes:
-            zero = isinstance(data, Zeros)
-            view = memoryview(zero_data(len(data)) if zero else data).cast("B")  # type: ignore[arg-type]
-            size = HEADER_SIZE + len(view)
-            if len(view) > MAX_DATA_BYTES or size > self._capacity:
-                raise JournalFull(f"journal {self.name}: an entry of {len(view)} bytes can never fit "
-                                  f"in {self._capacity} bytes")
-            if not 0 <= offset <= U64_MAX:
-                raise UsageError(f"journal {self.name}: offset {offset} out of range")
-            prepared.append((self._volume_id(volume, size), offset, view, len(data), zero, size))
+        prepared = [self._prepare(volume, offset, data) for volume, offset, data in writes]
         with self._lock:
-            self._check_open()
-            if first_seq is not None and first_seq != self._counter:
-                raise IntegrityError(f"journal {self.name}: entry {first_seq} appended where "
-                                     f"{self._counter} is next")
+            self._check_first(first_seq)
+            if len(prepared) == 1:
+                return self._append_one(*prepared[0])
             run: list[bytes | memoryview] = []
             run_slots: list[tuple[int, _Slot, int]] = []
             run_at = run_end = -1
@@ -288,6 +277,38 @@ class Journal:
             if run:
                 self._write_run(run, run_at, run_slots)
             return self._stored
+
+    def _prepare(self, volume: str, offset: int,
+                 data: bytes | memoryview | Zeros) -> tuple[int, int, memoryview, int, bool, int]:
+        """(volume id, offset, record data, span, zero, record bytes) of a write to append."""
+        zero = isinstance(data, Zeros)
+        view = memoryview(zero_data(len(data)) if zero else data).cast("B")  # type: ignore[arg-type]
+        size = HEADER_SIZE + len(view)
+        if len(view) > MAX_DATA_BYTES or size > self._capacity:
+            raise JournalFull(f"journal {self.name}: an entry of {len(view)} bytes can never fit "
+                              f"in {self._capacity} bytes")
+        if not 0 <= offset <= U64_MAX:
+            raise UsageError(f"journal {self.name}: offset {offset} out of range")
+        return self._volume_id(volume, size), offset, view, len(data), zero, size
+
+    def _check_first(self, first_seq: int | None) -> None:
+        self._check_open()
+        if first_seq is not None and first_seq != self._counter:
+            raise IntegrityError(f"journal {self.name}: entry {first_seq} appended where "
+                                 f"{self._counter} is next")
+
+    def _append_one(self, volume_id: int, offset: int, view: memoryview, span: int, zero: bool,
+                    size: int) -> int:
+        """``_append`` of one record (a host write's, the common case), in one pwrite (callers
+        hold _lock)."""
+        seq = self._counter
+        pos, wrap_at = self._place(size)
+        if wrap_at is not None:
+            _pwrite_all(self._fd, [encode_wrap(seq, epoch=self._epoch)], wrap_at)
+        header = encode_header(seq, volume_id, offset, view, epoch=self._epoch, type=ZERO if zero else ENTRY)
+        self._write_run([header, view], pos, [(seq, _Slot(pos, self._epoch, volume_id, offset, len(view), span, zero),
+                                              size)])
+        return seq
 
     def _write_run(self, run: list[bytes | memoryview], at: int, slots: list[tuple[int, _Slot, int]]) -> None:
         """Write back-to-back records, then count them stored (callers hold _lock)."""

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from .core.config import Config
-from .core.effects import VolWrite
 from .core.node import Boot, HostIo, NodeCore
 from .driver import Driver, HostRequest
 from .errors import NotFound
@@ -76,7 +75,7 @@ class Node:
         admitted and journaled in one call and written from nbdkit's buffer (a volume without a
         pair: without a copy); anything else goes through the core's task."""
         if not fua and self.driver.direct_write(
-                HostRequest(), volume, offset, data, lambda d: self.storage.run(VolWrite(volume, offset, d))):
+                HostRequest(), volume, offset, data, lambda d: self.storage.write_volume(volume, offset, d)):
             return
         self._host("write", volume, offset, len(data), bytes(data), fua)
 

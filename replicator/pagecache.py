@@ -41,8 +41,8 @@ def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
             raise OSError(code, os.strerror(code))
 
 
-def pwritev(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
-    """``os.pwritev``; a small total as one joined pwrite that keeps the GIL."""
-    if sum(len(b) for b in buffers) > SMALL_BYTES:
+def pwritev(fd: int, buffers: Sequence[bytes | memoryview], offset: int, total: int | None = None) -> int:
+    """``os.pwritev``; a small total (of ``buffers``' lengths) as one joined pwrite that keeps the GIL."""
+    if (sum(map(len, buffers)) if total is None else total) > SMALL_BYTES:
         return os.pwritev(fd, buffers, offset)
     return pwrite(fd, b"".join(buffers), offset)

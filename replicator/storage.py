@@ -121,6 +121,13 @@ class NodeStorage:
         except OSError as exc:
             raise IntegrityError(f"{type(eff).__name__} failed: {exc}") from None
 
+    def write_volume(self, volume: str, offset: int, data: Any) -> None:
+        """``run(VolWrite(volume, offset, data))`` without the effect (a host write's own path)."""
+        try:
+            self.stores[volume].write(offset, data)
+        except OSError as exc:
+            raise IntegrityError(f"VolWrite failed: {exc}") from None
+
     def _run(self, eff: Any) -> Any:
         do = self._table.get(type(eff))
         if do is None:

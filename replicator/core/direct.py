@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator
 from ..errors import RcopyError
 from . import tables as T
 from .effects import Effect, JEntry, put
-from .journal_space import record_bytes
+from .journal_space import RECORD_HEADER_BYTES
 from .source_group import Pending, SourceGroup
 
 if TYPE_CHECKING:
@@ -62,10 +62,11 @@ def begin(side: "PrimarySide", req: Any, name: str, offset: int, data: Any, stor
     info = vol.info
     if info.rw_mode != T.NORMAL or info.migration:
         return None
-    group = None
+    group, active = None, range(0)
     if info.remote_copy_flag == "source" and info.mode == "async":
         group = side.groups.get(info.group)
-        if group is None or not _journal_now(side, vol, group, offset, data):
+        active = _journal_now(side, vol, group, offset, length) if group is not None else None
+        if active is None:
             return None
     elif info.remote_copy_flag != "off":
         return None
@@ -78,7 +79,7 @@ def begin(side: "PrimarySide", req: Any, name: str, offset: int, data: Any, stor
     vol.bytes_written += length
     w = DirectWrite(vol, offset, data, regions)
     if group is not None:
-        _journal(side, w, group, req, store)
+        _journal(side, w, group, active, req, store)
     return w
 
 
@@ -88,28 +89,30 @@ def end(side: "PrimarySide", w: DirectWrite) -> None:
     _let_go(side, w)
 
 
-def _journal_now(side: "PrimarySide", vol: "Volume", g: SourceGroup, offset: int, data: Any) -> bool:
-    """Can this async write be journaled in this call, with none of _write_async's slow branches?"""
-    length = len(data)
+def _journal_now(side: "PrimarySide", vol: "Volume", g: SourceGroup, offset: int, length: int) -> range | None:
+    """The activity-log regions of this async write if it can be journaled in this call, with
+    none of _write_async's slow branches; else None."""
     if length > side.core.cfg.direct_append_bytes_max or g.appending or g.pending or g.folding:
-        return False
-    if g.throttle_s() or not g.space.fits([record_bytes(data)]) or side._tracked(vol, offset, length):
-        return False
+        return None
+    if g.throttle_s() or g.space.place(RECORD_HEADER_BYTES + length) is None or side._tracked(vol, offset, length):
+        return None
     act = vol.activity.regions(offset, length)
-    return vol.activity.run(act.start, len(act)) == len(act) and vol.maps["activity"].durable
+    if vol.activity.run(act.start, len(act)) == len(act) and vol.maps["activity"].durable:
+        return act
+    return None
 
 
-def _journal(side: "PrimarySide", w: DirectWrite, g: SourceGroup, req: Any, store: Store) -> None:
+def _journal(side: "PrimarySide", w: DirectWrite, g: SourceGroup, active: range, req: Any, store: Store) -> None:
     """Count the activity, number the entry and store it (S2401-S2404), as _write_async does."""
     vol, now = w.vol, side.core.rt.now
-    w.active = vol.activity.regions(w.offset, len(w.data))
-    for r in w.active:
+    w.active = active
+    for r in active:
         vol.active[r] += 1
         vol.active_at[r] = now
     if type(w.data) is not bytes:
         w.data = bytes(w.data)          # the journal's push cache keeps it; the caller's buffer is reused
     p = Pending(vol.name, w.offset, w.data)
-    entries = [g.number(p, record_bytes(w.data))]
+    entries = [g.number(p, RECORD_HEADER_BYTES + len(w.data))]
     w.group, w.seq = g, p.seq
     error = g.append_now(entries, store)
     if error is not None:

@@ -68,12 +68,13 @@ def test_wrap_marker_with_data_fields_is_rejected():
         decode_header(bytes(rec))
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(seq=0, volume_id=1, offset=0), dict(seq=1, volume_id=0, offset=0),
-    dict(seq=1, volume_id=1, offset=-1), dict(seq=1 << 64, volume_id=1, offset=0),
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(seq=0, volume_id=1, offset=0), "seq"), (dict(seq=1, volume_id=0, offset=0), "volume_id"),
+    (dict(seq=1, volume_id=1, offset=-1), "offset"), (dict(seq=1 << 64, volume_id=1, offset=0), "seq"),
+    (dict(seq=1, volume_id=1 << 32, offset=0), "volume_id"), (dict(seq=1, volume_id=1, offset=0, epoch=-1), "epoch"),
 ])
-def test_encode_refuses_out_of_range_fields(kwargs):
-    with pytest.raises(ValueError):
+def test_encode_refuses_out_of_range_fields(kwargs, field):
+    with pytest.raises(ValueError, match=f"field {field}="):
         encode(data=b"x", **kwargs)
 
 
