@@ -136,10 +136,8 @@ class Bitmap:
     def run(self, region: int, limit: int, value: bool = True) -> int:
         """How many regions from ``region`` on are ``value`` (set), one after the other (at most ``limit``)."""
         stop = min(self.nregions, region + limit)
-        try:
-            return self.bits.index(not value, region, stop) - region
-        except ValueError:
-            return max(0, stop - region)
+        other = self.bits.find(not value, region, stop)    # -1: none (no exception on the hot path)
+        return other - region if other >= 0 else max(0, stop - region)
 
     def set(self, region: int) -> Change | None:
         return self._put(region, True)
