@@ -7,10 +7,18 @@ volume -> storage node): what two embedded-Python hops cost here before any repl
 
     nbdkit --unix SOCK python scripts/ceiling/io_only.py file=IMAGE
     nbdkit --unix SOCK2 python scripts/ceiling/io_only.py uri=nbd+unix:///?socket=SOCK
+
+Two knobs measure what Python costs per write (docs/BENCHMARKS.md, "What each microsecond of
+Python costs"): ``busy_us=N`` spins N microseconds holding the GIL in each write, and
+``gil=keep`` makes a ``file=`` write through replicator/pagecache.py (libc pwrite with the GIL
+kept, as rcopy's nodes write) instead of os.pwrite:
+
+    nbdkit --threads 8 --unix SOCK python scripts/ceiling/io_only.py file=IMAGE busy_us=5 gil=keep
 """
 import os
 import sys
 import threading
+import time
 
 import nbdkit
 
@@ -25,10 +33,23 @@ _fd = -1
 _handles: dict = {}  # per OS thread: a threading.local does not survive between nbdkit callbacks
 
 
+_busy_s = 0.0
+_pwrite = os.pwrite
+
+
 def config(key, value):
-    if key not in ("file", "uri"):
-        raise RuntimeError(f"unknown parameter {key!r} (expected file=IMAGE or uri=NBD-URI)")
-    _config[key] = value
+    global _busy_s, _pwrite
+    if key == "busy_us":
+        _busy_s = float(value) / 1e6
+    elif key == "gil" and value in ("keep", "release"):
+        if value == "keep":
+            from replicator import pagecache
+            _pwrite = pagecache.pwrite
+    elif key in ("file", "uri"):
+        _config[key] = value
+    else:
+        raise RuntimeError(f"unknown parameter {key}={value!r} (expected file=IMAGE or uri=NBD-URI, "
+                           f"busy_us=N, gil=keep|release)")
 
 
 def config_complete():
@@ -81,8 +102,12 @@ def pread(h, buf, offset, flags):
 def pwrite(h, buf, offset, flags):
     if _KEEP:
         _keep()
+    if _busy_s:
+        end = time.perf_counter() + _busy_s
+        while time.perf_counter() < end:
+            pass
     if _fd >= 0:
-        os.pwrite(_fd, buf, offset)
+        _pwrite(_fd, buf, offset)
     else:
         _target().pwrite(buf, offset)
 
