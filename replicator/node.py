@@ -60,8 +60,8 @@ class Node:
 
     # ------------------------------------------------------------------ NBD callbacks
     def _host(self, op: str, volume: str, offset: int = 0, length: int = 0, data: Any = None,
-              fua: bool = False) -> Any:
-        req = HostRequest()
+              fua: bool = False, req: HostRequest | None = None) -> Any:
+        req = req or HostRequest()
         self.driver.feed(HostIo(req, op, volume, offset, length, data, fua), req)
         return req.wait()
 
@@ -74,10 +74,11 @@ class Node:
         """The common case (a volume in no pair, or a duplex async primary; core/direct.py) is
         admitted and journaled in one call and written from nbdkit's buffer (a volume without a
         pair: without a copy); anything else goes through the core's task."""
+        req = HostRequest()         # untouched when the core declines the write without a task
         if not fua and self.driver.direct_write(
-                HostRequest(), volume, offset, data, lambda d: self.storage.write_volume(volume, offset, d)):
+                req, volume, offset, data, lambda d: self.storage.write_volume(volume, offset, d)):
             return
-        self._host("write", volume, offset, len(data), bytes(data), fua)
+        self._host("write", volume, offset, len(data), bytes(data), fua, req)
 
     def flush(self, volume: str) -> None:
         self._host("flush", volume)

@@ -53,9 +53,22 @@ class Task:
     gen: TaskGen
     on_exit: Callable[["Task", BaseException | None, Any], None] | None = None
     token: int = 0          # bumped each time the task parks, so stale wake-ups are ignored
-    waiting: str = ""       # what it waits for (status and debugging)
+    parked_on: Any = None   # the effect, Wait or Sleep it is parked on (``waiting`` says it in words)
     wait_key: Hashable | None = None
     done: bool = False
+
+    @property
+    def waiting(self) -> str:
+        """What it waits for (debugging), formatted only when asked: a task parks several times
+        per host write."""
+        op = self.parked_on
+        if op is None:
+            return ""
+        if isinstance(op, Wait):
+            return f"wait {op.key!r}"
+        if isinstance(op, Sleep):
+            return f"sleep {op.seconds:g}s"
+        return type(op).__name__
 
 
 class TaskFailed(RcopyError):
@@ -176,7 +189,7 @@ class Runtime:
     def _step(self, task: Task, value: Any, exc: BaseException | None) -> None:
         self.steps += 1
         task.token += 1
-        task.waiting = ""
+        task.parked_on = None
         task.wait_key = None
         try:
             op = task.gen.throw(exc) if exc is not None else task.gen.send(value)
@@ -190,6 +203,7 @@ class Runtime:
 
     def _park(self, task: Task, op: Any) -> None:
         token = task.token
+        task.parked_on = op
         if isinstance(op, Effect):
             if self.immediate is not None and self._immediate_left > 0:
                 result = self.immediate(op)
@@ -203,16 +217,13 @@ class Runtime:
             op.op = self._next_op
             self._next_op += 1
             self._ops[op.op] = (task, token, _NOT_A_TIMER)
-            task.waiting = type(op).__name__
             self.out.append(op)
         elif isinstance(op, Wait):
             self._keyed.setdefault(op.key, []).append((task, token))
             task.wait_key = op.key
-            task.waiting = f"wait {op.key!r}"
             if op.timeout_s is not None:
                 self._timer(task, token, op.timeout_s, False)
         elif isinstance(op, Sleep):
-            task.waiting = f"sleep {op.seconds:g}s"
             self._timer(task, token, op.seconds, None)
         else:
             self._finish(task, TypeError(f"task {task.name} yielded {op!r}"), None)
