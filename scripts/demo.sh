@@ -15,6 +15,7 @@ cleanup() {
   mountpoint -q "$mnt" && umount "$mnt" || true
   "$rcopy" lab down --dir "$lab" >/dev/null 2>&1 || true
   rmdir "$mnt" 2>/dev/null || true
+  rm -f /tmp/rcopy-demo.sums
 }
 trap cleanup EXIT
 cleanup
@@ -66,4 +67,5 @@ step "rcopy lab down"
 "$rcopy" lab down --dir "$lab"
 trap - EXIT
 rmdir "$mnt" 2>/dev/null || true
+rm -f /tmp/rcopy-demo.sums
 echo "demo finished"
