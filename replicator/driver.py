@@ -157,7 +157,8 @@ class Driver:
         """A host write the core admits without a task (NodeCore.direct_write; an async one is
         journaled in that call, under the lock): ``write`` puts the bytes it gives outside the
         lock, then the core is told. False: feed the write as HostIo. When the journal append
-        failed, a task finishes the write and answers ``req``: wait for it."""
+        failed, a task finishes the write and answers ``req``: wait for it; so for a sync write,
+        once written: its batch's sender answers when the secondary holds it."""
         with self.lock:
             w = self.core.direct_write(req, volume, offset, data, time.monotonic(), self._store)
         if w is None:
@@ -167,13 +168,17 @@ class Driver:
         if w.as_task:
             req.wait()
             return True
+        ok = False
         try:
             write(w.data)
+            ok = True
         finally:
             with self.lock:
-                effects = self.core.direct_written(w, time.monotonic())
+                effects = self.core.direct_written(w, time.monotonic(), ok)
             for eff in effects:
                 self._hand_off(eff)
+        if w.waits:
+            req.wait()
         return True
 
     def _hand_off(self, eff: Any) -> None:

@@ -13,6 +13,7 @@ class Config:
     sync_timeout_s: float = 5.0             # a sync write waits this long for the secondary, then suspends
     sync_batch_writes: int = 64             # sync writes of one volume sharing one round trip, at most
     sync_batch_bytes: int = 8 * MiB         # ... and their data, at most
+    sync_batches_in_flight: int = 2         # sync batches of one volume on their way at once
     copy_wait_s: float = 20.0               # an async region copy waits this long at the secondary for the apply
     peer_timeout_s: float = 30.0            # relays, fetches, migration requests
     control_timeout_s: float = 10.0         # small control requests between nodes

@@ -147,7 +147,8 @@ class NodeCore:
     def direct_write(self, req: Any, volume: str, offset: int, data: Any, now: float,
                      store: Callable[[Effect], Any]) -> DirectWrite | None:
         """Admit a host write without a task (core/direct.py): the caller writes ``w.data`` to the
-        volume, then calls ``direct_written``; unless ``w.as_task``: then a task answers ``req``.
+        volume, then calls ``direct_written``; unless ``w.as_task``: then a task answers ``req``
+        (and a sync write's batch sender answers it after ``direct_written``).
         None: feed it as HostIo. Raises for a bad range."""
         self.rt.now = now
         w = self.rt.call(direct.begin, self.primary, req, volume, offset, data, store)
@@ -155,10 +156,11 @@ class NodeCore:
             w.effects = self.rt.take()
         return w
 
-    def direct_written(self, w: DirectWrite, now: float) -> list[Effect]:
-        """A ``direct_write`` is written: what the tasks it woke do next."""
+    def direct_written(self, w: DirectWrite, now: float, ok: bool = True) -> list[Effect]:
+        """A ``direct_write`` is written (or failed, not ``ok``): what the tasks it woke do next.
+        A sync write (``w.waits``) written goes to the secondary: its HostDone answers ``req``."""
         self.rt.now = now
-        self.rt.call(direct.end, self.primary, w)
+        self.rt.call(direct.end, self.primary, w, ok)
         return self.rt.take()
 
     def _boot_exit(self, task: Task, error: BaseException | None, value: Any) -> None:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Generator
 
 from .. import wire
 from ..errors import NodeUnreachable, RcopyError, StateError, UsageError
-from . import tables as T
-from .effects import JournalCreate, JournalDelete, VolExtents, VolHoleRun, VolRead, VolZero, Zeros, put
+from . import direct as D, tables as T
+from .direct import DirectWrite
+from .effects import HostDone, JournalCreate, JournalDelete, VolExtents, VolHoleRun, VolRead, VolZero, Zeros, put
 from .payload import ZERO_MARK, write_data, write_fields
 from .model import PeerVolume, SourceGroupInfo, check_name
 from .runtime import Sleep, Wait
@@ -39,6 +40,7 @@ class _SyncWrite:
     data: bytes | memoryview | Zeros
     done: bool = False
     error: RcopyError | None = None
+    direct: "DirectWrite | None" = None     # a write without a task: the sender finishes it and answers the host
 
 
 def sync_fields(batch: list[_SyncWrite]) -> tuple[dict[str, Any], list[Any]]:
@@ -59,7 +61,7 @@ class PrimarySide:
         self._resuming: set[str] = set()        # groups (or sync volumes) being resumed
         self.groups: dict[str, SourceGroup] = {}
         self._sync_queue: dict[str, list[_SyncWrite]] = {}    # sync writes waiting for a round trip
-        self._sync_sending: set[str] = set()                   # volumes with a batch in flight
+        self._sync_senders: dict[str, int] = {}               # volume -> sync senders running
 
     def handlers(self) -> dict[str, Any]:
         return {"pair.create": self._h_pair_create, "pair.delete": self._h_pair_delete,
@@ -384,37 +386,76 @@ class PrimarySide:
                                     after_seq)
 
     def _send_sync(self, vol: "Volume", offset: int, data: bytes | memoryview | Zeros) -> Generator[Any, Any, None]:
-        """A sync write to the secondary, sharing its round trip with the writes of this volume that
-        wait meanwhile (group commit): whoever finds no batch in flight sends every queued write in
-        one pair.write; the secondary makes the batch durable with one fsync and answers once."""
-        item = _SyncWrite(offset, data)
-        queue = self._sync_queue.setdefault(vol.name, [])
-        queue.append(item)
-        key = ("sync-sent", vol.name)
+        """A sync write to the secondary: it joins the volume's next batch and waits for its answer."""
+        item = self.join_sync(vol, offset, data)
         while not item.done:
-            if vol.name in self._sync_sending:
-                yield Wait(key)
-                continue
-            batch = self._take_batch(queue)
-            self._sync_sending.add(vol.name)
-            error: RcopyError | None = RcopyError("the sync batch was not sent")   # until it was
-            try:
-                yield from self._pair_write(vol, *sync_fields(batch), 0)
-                error = None
-            except RcopyError as exc:
-                error = exc
-            except Exception as exc:  # noqa: BLE001 - a bug: every write of the batch is tracked, none lost
-                error = RcopyError(f"internal error sending sync writes: {exc}")
-            finally:
-                self._sync_sending.discard(vol.name)
-                if error is not None:       # the pair suspends: the writes queued meanwhile need no try
-                    batch += queue
-                    queue.clear()
-                for it in batch:
-                    it.done, it.error = True, error
-                self.core.rt.notify(key)
+            yield Wait(("sync-sent", vol.name))
         if item.error is not None:
             raise item.error
+
+    def join_sync(self, vol: "Volume", offset: int, data: bytes | memoryview | Zeros,
+                  direct: DirectWrite | None = None) -> _SyncWrite:
+        """Queue a sync write for the volume's sender, started if none runs. Writes that wait while a
+        batch is in flight share the next round trip (group commit): one pair.write, which the
+        secondary makes durable with one fsync and answers once."""
+        item = _SyncWrite(offset, data, direct=direct)
+        self._sync_queue.setdefault(vol.name, []).append(item)
+        senders = self._sync_senders.get(vol.name, 0)
+        if senders < self.core.cfg.sync_batches_in_flight:
+            self._sync_senders[vol.name] = senders + 1
+            self.core.rt.spawn(self._sync_sender(vol), "sync-send")
+        return item
+
+    def _sync_sender(self, vol: "Volume") -> Generator[Any, Any, None]:
+        """Send the queued sync writes of ``vol`` a batch at a time, one batch in flight, until none
+        is left; each batch's writes learn its outcome together."""
+        queue = self._sync_queue.setdefault(vol.name, [])
+        try:
+            while queue:
+                batch = self._take_batch(queue)
+                error: RcopyError | None = RcopyError("the sync batch was not sent")   # until it was
+                try:
+                    yield from self._pair_write(vol, *sync_fields(batch), 0)
+                    error = None
+                except RcopyError as exc:
+                    error = exc
+                except Exception as exc:  # noqa: BLE001 - a bug: every write of the batch is tracked, none lost
+                    error = RcopyError(f"internal error sending sync writes: {exc}")
+                finally:
+                    if error is not None:       # the pair suspends: the writes queued meanwhile need no try
+                        batch += queue
+                        queue.clear()
+                    for it in batch:
+                        it.done, it.error = True, error
+                    self.core.rt.notify(("sync-sent", vol.name))
+                direct = [it.direct for it in batch if it.direct is not None]
+                if direct:
+                    yield from self._finish_direct_sync(vol, direct, error)
+        finally:
+            left = self._sync_senders.pop(vol.name, 1) - 1
+            if left:
+                self._sync_senders[vol.name] = left
+
+    def _finish_direct_sync(self, vol: "Volume", writes: list[DirectWrite],
+                            error: RcopyError | None) -> Generator[Any, Any, None]:
+        """Answer the hosts of sync writes made without a task, as _write_sync does: after the
+        secondary holds them, or after they are tracked and the pair suspended (invariant 19)."""
+        failed: RcopyError | None = None
+        try:
+            if error is not None:
+                for w in writes:
+                    yield from self.mark_dirty(vol, w.offset, len(w.data))
+                self.set_suspended(vol, f"secondary failed a write: {error}")
+                yield from self.core.save()
+        except RcopyError as exc:
+            failed = exc
+        except Exception as exc:  # noqa: BLE001 - a bug: the hosts get EIO, the node keeps serving
+            self.core.log("bug", f"tracking failed sync writes failed with {type(exc).__name__}: {exc}")
+            failed = RcopyError(f"internal error: {exc}")
+        finally:
+            for w in writes:
+                D.let_go(self, w)
+                self.core.rt.emit(HostDone(w.req, error=failed))
 
     def _take_batch(self, queue: list["_SyncWrite"]) -> list["_SyncWrite"]:
         cfg, total, n = self.core.cfg, 0, 0

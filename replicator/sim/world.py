@@ -106,7 +106,7 @@ class World:
         self._handled = 0
         self.events_max = 400_000          # a seed needs ~2,000; far more means a loop that never waits
         # Half the seeds make host writes the way the real driver does, without a task where the
-        # core admits it (NodeCore.direct_write: a volume in no pair, an async primary); its own
+        # core admits it (NodeCore.direct_write: a volume in no pair, an async or sync primary); its own
         # generator, so the other draws stay as they were.
         draw = random.Random(seed * 31 + 7)
         self.direct_writes = draw.random() < 0.5
@@ -465,7 +465,8 @@ class World:
         for out in d.core.direct_written(w, self.now):
             self.execute(d, out)
         self.after_step(d)
-        self._host_done(d, E.HostDone(io.req))
+        if not w.waits:                  # a sync write: its batch's sender answers (a HostDone effect)
+            self._host_done(d, E.HostDone(io.req))
 
     def _host_done(self, d: Daemon, eff: Any) -> None:
         if d.kind == "node":

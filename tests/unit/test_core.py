@@ -477,6 +477,79 @@ def test_an_async_write_without_a_task_is_journaled_first_and_holds_until_writte
     assert bytes(g.cache[w.seq].data) == block("b")
 
 
+def sync_warm(h: Harness, regions: int) -> None:
+    """Task writes to the first ``regions`` regions, answered: their activity bits are set."""
+    reqs = [h.write("v1", r * 4096, block("a")) for r in range(regions)]
+    while h.pending("pair.write"):
+        h.answer(h.pending("pair.write")[0], wire.ok())
+    assert all(h.host[r].error is None for r in reqs)
+
+
+def sync_direct(h: Harness, offset: int, data: bytes) -> Any:
+    """A sync write without a task whose bytes landed: its batch is on its way (or queued)."""
+    w = h.direct("v1", offset, data)
+    assert w is not None and w.waits and not w.as_task
+    h.direct_landed(w)
+    return w
+
+
+def test_a_sync_write_without_a_task_is_answered_once_the_secondary_holds_it() -> None:
+    """NodeCore.direct_write on a duplex sync primary: written here, then sent with its volume's
+    next batch; the region, the in-flight count and the activity hold until the secondary
+    answers, and only then is the host answered (by the batch's sender, not the writer).
+    Batches in flight at once: sync_batches_in_flight; the writes that wait meanwhile share the
+    next round trip."""
+    h = primary("sync")
+    assert h.direct("v1", 4096, block("a")) is None         # activity bit not set: the task sets it
+    sync_warm(h, 5)
+    reqs, ws = [], []
+    for i, ch in enumerate("bcde"):
+        ws.append(sync_direct(h, 4096 * (i + 1), block(ch)))
+        reqs.append(h.last_req)
+    vol = ws[0].vol
+    assert h.volume_file("v1")[4096:4608] == block("b")     # written here before it is sent
+    calls = h.pending("pair.write")
+    assert len(calls) == h.core.cfg.sync_batches_in_flight == 2
+    assert [c.msg["offset"] for c in calls] == [4096, 8192] and bytes(calls[0].msg.payloads[0]) == block("b")
+    assert not any(r in h.host for r in reqs)               # nobody answered before the secondary
+    assert vol.inflight == 4 and vol.locks.held and h.direct("v1", 4700, block("x")) is None
+    h.answer(calls[0], wire.ok())
+    assert reqs[0] in h.host and h.host[reqs[0]].error is None and reqs[1] not in h.host
+    batch = h.pending("pair.write")[-1]                     # the two that waited share one round trip
+    assert [o for o, *_ in batch.msg["writes"]] == [12288, 16384]
+    h.answer(calls[1], wire.ok())
+    h.answer(batch, wire.ok())
+    assert all(h.host[r].error is None for r in reqs)
+    assert vol.inflight == 0 and not vol.locks.held and not any(vol.active.values())
+    assert vol.info.pair_state == T.DUPLEX and not vol.diff.any_set(0, SIZE)
+
+
+def test_a_sync_write_without_a_task_the_secondary_fails_is_tracked_before_the_ack() -> None:
+    """Defect 4 for a write without a task: any error of its batch suspends the pair and tracks
+    the write (diff bit and pair state durable) before the host is answered, with success; the
+    writes queued behind it are tracked without a try."""
+    h = primary("sync")
+    sync_warm(h, 5)
+    sync_direct(h, 4096, block("x"))
+    req = h.last_req
+    sync_direct(h, 8192, block("y"))
+    sync_direct(h, 12288, block("z"))                       # queued behind two batches in flight
+    queued = h.last_req
+    first, second = h.pending("pair.write")
+    h.answer(first, wire.error_reply(IntegrityError("No space left on device (site-b)")))
+    v = h.core.volumes["v1"]
+    assert req in h.host and h.host[req].error is None and h.host[queued].error is None
+    assert v.info.pair_state == T.SUSPENDED and v.diff.any_set(4096, 512) and v.diff.any_set(12288, 512)
+    done = h.trace.index(h.host[req])
+    synced = max(i for i, e in enumerate(h.trace[:done]) if isinstance(e, E.BitmapSync) and e.kind == "diff")
+    saved = max(i for i, e in enumerate(h.trace[:done]) if isinstance(e, E.SaveMgmt))
+    assert synced < done and saved < done
+    h.answer(second, wire.ok())                             # the other batch arrived: answered as is
+    assert all(r.error is None for r in h.host.values())
+    assert v.inflight == 0 and not v.locks.held and not any(v.active.values())
+    assert h.direct("v1", 16384, block("w")) is None        # suspended: tracked writes take the task
+
+
 def test_an_async_write_without_a_task_whose_append_fails_folds_then_writes() -> None:
     """A failed journal append in direct_write goes on as host_write's task would: the journal
     folds into the diff bitmap (the pair suspends), then the volume is written and the host answered."""
