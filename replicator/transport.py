@@ -87,6 +87,7 @@ class Server:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._wake: _Wake | None = None
+        self._ident = 0                 # the server thread's: its own replies need no wake-up
 
     def start(self) -> None:
         """Bind and start serving; raise if the endpoint cannot be bound."""
@@ -115,10 +116,11 @@ class Server:
         except RcopyError as exc:
             frames = wire.encode(wire.error_reply(exc))
         self._out.append((req, frames))
-        if self._wake is not None:
-            self._wake()
+        if self._wake is not None and threading.get_ident() != self._ident:
+            self._wake()        # (a reply made on the server thread goes out after its receive loop)
 
     def _loop(self) -> None:
+        self._ident = threading.get_ident()
         sock = context().socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MESSAGE_BYTES_MAX)
@@ -184,6 +186,7 @@ class AsyncClient:
         self._thread: threading.Thread | None = None
         self._wake: _Wake | None = None
         self._started = threading.Event()
+        self._ident = 0                 # the client thread's: its own requests need no wake-up
 
     def start(self) -> None:
         self._thread = threads.start(self._loop, "rcopy-client")
@@ -198,8 +201,8 @@ class AsyncClient:
 
     def request(self, endpoint: str, msg: wire.Message, timeout_s: float, callback: Callable[[Any], None]) -> None:
         self._in.append((endpoint, msg, timeout_s, callback))
-        if self._wake is not None:
-            self._wake()
+        if self._wake is not None and threading.get_ident() != self._ident:
+            self._wake()        # (a request made by a reply's callback goes out after the receive loop)
 
     def _socket(self, endpoint: str, sockets: dict[str, zmq.Socket], poller: zmq.Poller) -> zmq.Socket:
         s = sockets.get(endpoint)
@@ -215,6 +218,7 @@ class AsyncClient:
         return s
 
     def _loop(self) -> None:
+        self._ident = threading.get_ident()
         self._wake = _Wake()
         self._started.set()
         sockets: dict[str, zmq.Socket] = {}
@@ -224,6 +228,22 @@ class AsyncClient:
         deadlines: list[tuple[float, bytes]] = []
         prefix = os.urandom(4)
         counter = itertools.count()
+
+        def send_queued() -> None:
+            while self._in:
+                endpoint, msg, timeout_s, callback = self._in.popleft()
+                rid = prefix + next(counter).to_bytes(8, "little")
+                try:
+                    frames = wire.encode(msg)
+                    self._socket(endpoint, sockets, poller).send_multipart([b"", rid, *frames],
+                                                                           zmq.NOBLOCK, copy=False)
+                except (zmq.ZMQError, RcopyError) as exc:
+                    _call(callback, exc if isinstance(exc, RcopyError) else
+                          NodeUnreachable(f"cannot send to {endpoint}: {exc}"))
+                    continue
+                pending[rid] = (callback, endpoint)
+                heapq.heappush(deadlines, (time.monotonic() + timeout_s, rid))
+
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
@@ -232,23 +252,12 @@ class AsyncClient:
                     entry = pending.pop(rid, None)
                     if entry is not None:
                         _call(entry[0], NodeUnreachable(f"no answer from {entry[1]} in time"))
+                send_queued()            # what the callbacks of the last replies and deadlines asked
                 wait_ms = 500 if not deadlines else max(0, int((deadlines[0][0] - now) * 1000) + 1)
                 events = dict(poller.poll(min(wait_ms, 500)))
                 if self._wake.pull in events:
                     self._wake.drain()
-                while self._in:
-                    endpoint, msg, timeout_s, callback = self._in.popleft()
-                    rid = prefix + next(counter).to_bytes(8, "little")
-                    try:
-                        frames = wire.encode(msg)
-                        self._socket(endpoint, sockets, poller).send_multipart([b"", rid, *frames],
-                                                                               zmq.NOBLOCK, copy=False)
-                    except (zmq.ZMQError, RcopyError) as exc:
-                        _call(callback, exc if isinstance(exc, RcopyError) else
-                              NodeUnreachable(f"cannot send to {endpoint}: {exc}"))
-                        continue
-                    pending[rid] = (callback, endpoint)
-                    heapq.heappush(deadlines, (time.monotonic() + timeout_s, rid))
+                send_queued()
                 for s in sockets.values():
                     if s not in events:
                         continue

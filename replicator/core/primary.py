@@ -40,7 +40,7 @@ class _SyncWrite:
     data: bytes | memoryview | Zeros
     done: bool = False
     error: RcopyError | None = None
-    direct: "DirectWrite | None" = None     # a write without a task: the sender finishes it and answers the host
+    direct: DirectWrite | None = None       # a write without a task: the sender finishes it and answers the host
 
 
 def sync_fields(batch: list[_SyncWrite]) -> tuple[dict[str, Any], list[Any]]:
@@ -395,9 +395,11 @@ class PrimarySide:
 
     def join_sync(self, vol: "Volume", offset: int, data: bytes | memoryview | Zeros,
                   direct: DirectWrite | None = None) -> _SyncWrite:
-        """Queue a sync write for the volume's sender, started if none runs. Writes that wait while a
-        batch is in flight share the next round trip (group commit): one pair.write, which the
-        secondary makes durable with one fsync and answers once."""
+        """Queue a sync write for the volume's senders, one more started if fewer than
+        ``sync_batches_in_flight`` run. Writes that wait while the batches are in flight share the
+        next round trip (group commit): one pair.write, which the secondary makes durable with one
+        fsync and answers once. Batches in flight at once never overlap: each write holds its
+        regions' locks until it is answered."""
         item = _SyncWrite(offset, data, direct=direct)
         self._sync_queue.setdefault(vol.name, []).append(item)
         senders = self._sync_senders.get(vol.name, 0)
@@ -407,8 +409,8 @@ class PrimarySide:
         return item
 
     def _sync_sender(self, vol: "Volume") -> Generator[Any, Any, None]:
-        """Send the queued sync writes of ``vol`` a batch at a time, one batch in flight, until none
-        is left; each batch's writes learn its outcome together."""
+        """Send the queued sync writes of ``vol`` a batch at a time (this sender's one batch in
+        flight) until none is left; each batch's writes learn its outcome together."""
         queue = self._sync_queue.setdefault(vol.name, [])
         try:
             while queue:
