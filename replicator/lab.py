@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,8 +28,28 @@ VVOL = "app"
 LAB_MARK = ".rcopy-lab"
 
 
+PORTS_BELOW_EPHEMERAL = 10000       # the lab's listening ports come from this many below that range
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free to listen on now, below the kernel's range for outgoing connections. The lab
+    picks its ports before it starts its daemons; a port from that range (what binding port 0
+    gives) could be taken meanwhile by an outgoing connection (a ping of a node just started),
+    and the daemon that was to listen on it would exit at start-up."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rnd = random.SystemRandom()
+    for _ in range(200):
+        port = rnd.randrange(max(1024, low - PORTS_BELOW_EPHEMERAL), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue        # a listener has it (or a connection is still closing on it)
+            return port
+    with socket.socket() as s:  # a crowded range: the kernel's pick, as before
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

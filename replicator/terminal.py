@@ -88,7 +88,8 @@ class Terminal:
         def ready() -> bool:
             if not process.alive(pid):
                 raise RcopyError(f"{name} exited during start-up; see {ep.logfile} and "
-                                 f"{ep.state}/node.log: {process.tail(str(ep.logfile))}")
+                                 f"{ep.state}/node.log: {process.tail(str(ep.logfile))} "
+                                 f"{process.tail(str(ep.state / 'node.log'))}".rstrip())
             try:
                 self.request(ep, "ping", timeout_s=1.0)
                 return True

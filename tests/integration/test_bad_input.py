@@ -132,3 +132,29 @@ def test_verify_streams_in_pieces_and_finds_a_planted_difference(started):
     assert not r["identical"] and r["differences"] == [6 << 20] and r["chunks"] == 8
     with pytest.raises(UsageError):
         t.node_request("site-a1", "volume.hash", name="x", offset=4096, length=1 << 20)
+
+
+def test_a_node_that_cannot_bind_its_control_port_says_why(cluster):
+    """A node that dies at start-up: the error names the cause from its logs (here its control
+    port taken by another listener), not only where the logs are."""
+    import socket
+    ep = cluster.cluster.daemon("site-b")
+    host, port = ep.control.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.socket() as s:
+        s.bind((host, int(port)))
+        s.listen()
+        with pytest.raises(RcopyError, match="(?i)bind"):
+            cluster.node_start("site-b", timeout_s=20)
+
+
+def test_the_lab_listens_on_ports_no_outgoing_connection_can_take():
+    """lab.free_port: below the kernel's range for outgoing connections, and free to bind."""
+    import socket
+    from pathlib import Path
+    from replicator import lab
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        port = lab.free_port()
+        assert 1024 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
