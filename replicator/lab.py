@@ -40,16 +40,16 @@ def free_port() -> int:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    rnd = random.SystemRandom()
-    for _ in range(200):
-        port = rnd.randrange(max(1024, low - PORTS_BELOW_EPHEMERAL), low)
+    rnd, start = random.SystemRandom(), max(1024, low - PORTS_BELOW_EPHEMERAL)
+    for _ in range(200 if start < low else 0):
+        port = rnd.randrange(start, low)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue        # a listener has it (or a connection is still closing on it)
             return port
-    with socket.socket() as s:  # a crowded range: the kernel's pick, as before
+    with socket.socket() as s:  # a crowded (or no) range below: the kernel's pick, as before
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
