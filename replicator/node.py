@@ -71,9 +71,10 @@ class Node:
         return data
 
     def write(self, volume: str, data: Any, offset: int, fua: bool = False) -> None:
-        """The common case (a volume in no pair, or a duplex async primary; core/direct.py) is
-        admitted and journaled in one call and written from nbdkit's buffer (a volume without a
-        pair: without a copy); anything else goes through the core's task."""
+        """The common case (a volume in no pair, a duplex async or a sync primary; core/direct.py)
+        is admitted (and journaled) in one call and written from nbdkit's buffer (a volume without
+        a pair: without a copy); a sync write then waits for its batch's answer. Anything else goes
+        through the core's task."""
         req = HostRequest()         # untouched when the core declines the write without a task
         if not fua and self.driver.direct_write(
                 req, volume, offset, data, lambda d: self.storage.write_volume(volume, offset, d)):
