@@ -20,6 +20,7 @@ from nbd_plugins.common import (API_VERSION, block_status, can_extents, can_fast
 
 _config: dict = {}
 _node = None
+_FUA = nbdkit.FLAG_FUA
 
 
 def config(key, value):
@@ -77,7 +78,7 @@ def pread(h, buf, offset, flags):
 def pwrite(h, buf, offset, flags):
     keep()
     try:
-        _node.write(h, buf, offset, bool(flags & nbdkit.FLAG_FUA))
+        _node.write(h, buf, offset, flags & _FUA)
     except Exception as exc:
         fail(exc)
 

@@ -32,6 +32,7 @@ log = logging.getLogger("rcopy.driver")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR, "bug": logging.ERROR}
 HOST_WAIT_S = 900.0          # the core answers every host request long before this
+GATE_DRAIN_S = 60.0         # a write past a plain gate that takes longer has a sick disk
 IMMEDIATE_BYTES_MAX = 256 * 1024   # larger writes go out of the lock (copying them takes a while)
 
 
@@ -87,6 +88,7 @@ class Driver:
         self._threads: list[threading.Thread] = []
         self._workers = workers
         self._stop = threading.Event()
+        self.ticks: list[Callable[[], None]] = []     # run under the lock about once a second
         if storage is not None and hasattr(core, "rt"):
             core.rt.immediate = self._immediate
 
@@ -233,6 +235,8 @@ class Driver:
             eff.req.done(eff.data, eff.error)
         elif isinstance(eff, E.Log):
             log.log(LEVELS.get(eff.level, logging.INFO), "%s", eff.text)
+        elif type(eff) is E.GateDrain:
+            return Completed(eff.op, _drained(eff))
         else:
             return Completed(eff.op, self._store(eff) if self.storage is not None else None)
         return None
@@ -252,11 +256,27 @@ class Driver:
                 log.exception("event %s failed", type(job).__name__)
 
     def _timer_loop(self) -> None:
+        next_tick = time.monotonic() + 1.0
         with self._timer_cond:
             while not self._stop.is_set():
                 now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + 1.0
+                    for tick in self.ticks:
+                        with self.lock:
+                            tick()
                 while self._timers and self._timers[0][0] <= now:
                     _, op = heapq.heappop(self._timers)
                     self.jobs.put(Completed(op, None))
                 wait = self._timers[0][0] - now if self._timers else 1.0
                 self._timer_cond.wait(max(0.0, min(wait, 1.0)))
+
+
+def _drained(eff: Any) -> RcopyError | None:
+    """Wait until no write is past ``eff.gate`` (a write past it is one pwrite: microseconds)."""
+    deadline = time.monotonic() + GATE_DRAIN_S
+    while eff.gate.active:
+        if time.monotonic() > deadline:
+            return RcopyError(f"{eff.volume}: writes still in flight after {GATE_DRAIN_S:g} s")
+        time.sleep(0.0002)
+    return None

@@ -121,10 +121,10 @@ class NodeStorage:
         except OSError as exc:
             raise IntegrityError(f"{type(eff).__name__} failed: {exc}") from None
 
-    def write_volume(self, volume: str, offset: int, data: Any) -> None:
+    def write_volume(self, volume: str, offset: int, data: Any, keep_gil: bool = True) -> None:
         """``run(VolWrite(volume, offset, data))`` without the effect (a host write's own path)."""
         try:
-            self.stores[volume].write(offset, data)
+            self.stores[volume].write(offset, data, keep_gil)
         except OSError as exc:
             raise IntegrityError(f"VolWrite failed: {exc}") from None
 

@@ -52,9 +52,11 @@ class VolumeStore:
         data = self.read(offset, length)
         return None if is_zeros(data) else data
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: bytes | memoryview, keep_gil: bool = True) -> None:
+        """``keep_gil``: a small write keeps the GIL (pagecache.py), right while the caller holds
+        a lock other threads wait for; without it every write releases the GIL (os.pwrite)."""
         self.check(offset, len(data))
-        n = pagecache.pwrite(self.fd, data, offset)
+        n = (pagecache.pwrite if keep_gil else os.pwrite)(self.fd, data, offset)
         if n == len(data):
             return
         view = memoryview(data)[n:]

@@ -21,6 +21,9 @@ A sync write (``w.waits``) then joins its volume's next batch to the secondary a
 it go and answers the host (``req``) once the secondary holds it, or once it is tracked and the
 pair suspended: the caller waits for that answer.
 
+A plain write admitted here opens the volume's plain gate (plain_gate.py): the writes after it
+pass without the core until a change of the volume's state closes the gate.
+
 Anything else: None, and the write goes through host_write's task unchanged. If the journal
 append fails, the write goes on as a task from there (the fold, then the volume write), and
 that task answers the host (``as_task``). What is acknowledged when is unchanged: the entry and
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from ..errors import RcopyError
-from . import tables as T
+from . import plain_gate, tables as T
 from .effects import Effect, JEntry, put
 from .journal_space import RECORD_HEADER_BYTES
 from .source_group import Pending, SourceGroup
@@ -90,6 +93,8 @@ def begin(side: "PrimarySide", req: Any, name: str, offset: int, data: Any, stor
             return None
     elif info.remote_copy_flag != "off":
         return None
+    else:
+        plain_gate.open_for(vol)         # plain and ready: the next writes pass without the core
     regions = vol.regions(offset, length)
     if not vol.locks.try_acquire(regions):
         return None

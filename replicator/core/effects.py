@@ -130,6 +130,14 @@ class VolDelete(Effect):
     volume: str
 
 
+@dataclass(slots=True, eq=False)
+class GateDrain(Effect):
+    """Return once no write is past ``gate`` (core/plain_gate.py), or with an error after a while."""
+
+    volume: str
+    gate: Any
+
+
 # ---------------------------------------------------------------------- bitmaps
 @dataclass(slots=True, eq=False)
 class BitmapPut(Effect):

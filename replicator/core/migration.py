@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterable
 
 from .. import wire
 from ..errors import NodeUnreachable, ProtocolError, RcopyError, StateError, UsageError
-from . import tables as T
+from . import plain_gate, tables as T
 from .effects import VolHoleRun, VolRead, VolWrite, VolZero, put
 from .payload import write_data, write_fields
 from .model import Member, PeerVolume, SourceMigration, TargetMigration
@@ -256,8 +256,7 @@ class Migrations:
             if info.size != raw["size"]:
                 raise UsageError(f"target {core.name}:{vol.name} has {info.size} bytes, "
                                  f"the source has {raw['size']}; sizes must match")
-            if vol.inflight:
-                raise StateError(f"target {core.name}:{vol.name} has I/O in flight; is a host using it?")
+            plain_gate.shut(vol, f"target {core.name}:{vol.name} has I/O in flight; is a host using it?")
             vols.append(vol)
         tm = TargetMigration(mid, members, group=str(msg.get("group", "")),
                              dual_write=bool(msg.get("dual_write")), started=core.rt.now)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generator
 
 from .. import wire
 from ..errors import NodeUnreachable, RcopyError, StateError, UsageError
-from . import direct as D, tables as T
+from . import direct as D, plain_gate, tables as T
 from .direct import DirectWrite
 from .effects import HostDone, JournalCreate, JournalDelete, VolExtents, VolHoleRun, VolRead, VolZero, Zeros, put
 from .payload import ZERO_MARK, write_data, write_fields
@@ -287,6 +287,7 @@ class PrimarySide:
 
     def flush_local(self, vol: "Volume") -> Generator[Any, Any, None]:
         """NBD flush: every acknowledged write of this volume becomes durable (and what tracks it)."""
+        plain_gate.absorb(vol)
         yield from vol.syncer.sync()
         if vol.info.remote_copy_flag == "source" and vol.info.mode == "async" and vol.info.group in self.groups:
             g = self.groups[vol.info.group]
@@ -810,6 +811,7 @@ class PrimarySide:
             "mode": mode, "group": group, "transfer": transfer, "next_seq": next_seq,
             "epoch": info.copy_epoch, "reorder_bytes": g.info.reorder_bytes if mode == "async" else 0})
         others = core.members(group) if mode == "async" else []
+        yield from plain_gate.close(vol)        # no plain write in flight from here on
         info.remote_copy_flag = "source"
         info.mode, info.group, info.transfer = mode, group, transfer
         info.copy_dest_info = secondary

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Generator
 
 from .. import wire
 from ..errors import NotFound, ProtocolError, RangeNotStored, RcopyError, StateError, UsageError
-from . import tables as T
+from . import plain_gate, tables as T
 from .applier import OrderedApplier
 from .effects import SaveApplied, VolWrite, VolWriteMany, VolZero, Zeros
 from .journal_space import ZERO_RECORD_DATA_BYTES
@@ -371,8 +371,7 @@ class SecondarySide:
         mode, group = msg["mode"], msg["group"]
         if mode not in ("sync", "async"):
             raise UsageError("mode must be sync or async")
-        if vol.inflight:
-            raise StateError(f"{core.name}:{vol.name} has host I/O in flight; is a host using it?")
+        plain_gate.shut(vol, f"{core.name}:{vol.name} has host I/O in flight; is a host using it?")
         new_group = mode == "async" and group not in self.groups
         info.remote_copy_flag = "dest"
         info.mode, info.group, info.transfer = mode, group, msg.get("transfer") or "push"

@@ -16,6 +16,7 @@ from .bitmap import Bitmap, DiffMap
 from .durable import BitmapFile, Syncer
 from .effects import BitmapCreate, VolSync
 from .model import VolumeInfo
+from .plain_gate import PlainGate
 from .runtime import Runtime, Wait
 
 KINDS = ("diff", "migrated", "activity")
@@ -100,6 +101,7 @@ class Volume:
     copied_bytes: int = 0            # initial copy and resync: data sent as payloads
     zeroed_bytes: int = 0            # ... and sent as zero commands (holes, all-zero data)
     copier: Any = None                      # the copy task while the pair is copying
+    gate: PlainGate = field(default_factory=PlainGate)   # plain writes without the core (plain_gate.py)
 
     @classmethod
     def make(cls, rt: Runtime, info: VolumeInfo, region_bytes: int,

@@ -260,6 +260,8 @@ class World:
         elif isinstance(eff, E.Log):
             if eff.level in ("warning", "error"):
                 self.log(f"{d.name}: {eff.level}: {eff.text}")
+        elif isinstance(eff, E.GateDrain):
+            self.after(0.0, self._gated, d, self._drain, d, inc, eff)
         else:
             sync = isinstance(eff, (E.VolSync, E.BitmapSync, E.JournalSync, E.SaveMgmt, E.SaveApplied,
                                     E.JournalDiscard, E.JournalCreate))
@@ -440,6 +442,10 @@ class World:
         the core is told and the host answered."""
         if not d.up:
             return
+        vol = d.core.volumes.get(io.volume)
+        if vol is not None and vol.gate.enter():
+            self._plain_write(d, io, vol)
+            return
         try:
             w = d.core.direct_write(io.req, io.volume, io.offset, io.data, self.now,
                                     lambda eff: self._land_or_fail(d, eff, "without a task"))
@@ -457,6 +463,38 @@ class World:
         # sometimes a long stall (page cache writeback): a pair create or a migration step may run meanwhile
         stall = self.rnd.uniform(0.001, 0.02) if self.rnd.random() < 0.2 else 0.0
         self.after(self._disk_latency(d) + stall, self._gated, d, self._direct_landed, d, d.incarnation, io, w)
+
+    def _plain_write(self, d: Daemon, io: HostIo, vol: Any) -> None:
+        """A write past a plain volume's open gate (core/plain_gate.py), as Node.write makes it:
+        no core step; the bytes land after a disk latency (sometimes a long stall: a pair create
+        or a migration to the volume may start meanwhile), then it leaves the gate and the host
+        is answered."""
+        assert io.data is not None
+        try:
+            vol.check(io.offset, len(io.data))
+        except RcopyError as exc:
+            vol.gate.leave(None)
+            self._host_done(d, E.HostDone(io.req, error=exc))
+            return
+        # a pwrite the kernel throttles (dirty page limits) can take long: past the pair's first copy
+        r = self.rnd.random()
+        stall = self.rnd.uniform(0.05, 0.3) if r < 0.05 else self.rnd.uniform(0.001, 0.02) if r < 0.25 else 0.0
+        self.after(self._disk_latency(d) + stall, self._gated, d, self._plain_landed, d, d.incarnation, io, vol)
+
+    def _plain_landed(self, d: Daemon, inc: int, io: HostIo, vol: Any) -> None:
+        if d.incarnation != inc:
+            return
+        result = self._land_or_fail(d, E.VolWrite(io.volume, io.offset, io.data), "past the plain gate")
+        error = result if isinstance(result, RcopyError) else None
+        vol.gate.leave(None if error else len(io.data))
+        self._host_done(d, E.HostDone(io.req, error=error))
+
+    def _drain(self, d: Daemon, inc: int, eff: Any) -> None:
+        """GateDrain: done once no write is past the gate (the real driver polls too)."""
+        if eff.gate.active:
+            self.after(0.0005, self._gated, d, self._drain, d, inc, eff)
+        else:
+            self._complete(d, inc, eff.op, None)
 
     def _direct_landed(self, d: Daemon, inc: int, io: HostIo, w: Any) -> None:
         if d.incarnation != inc:

@@ -1,7 +1,8 @@
 """Writes the core admits without a task (NodeCore.direct_write: a volume without a pair, a duplex
-async or sync primary): eight writers at once on a real node lose nothing and never hang (the
-first test hangs with the lost wake-up of region locks planted back), a pair created while they
-write still ends with the secondary equal to the primary, on an async primary most writes take
+async or sync primary) and writes past a plain volume's gate (core/plain_gate.py): eight writers
+at once on a real node lose nothing, never hang and are counted exactly (the first test hangs with
+the lost wake-up of region locks planted back), a pair created while they write (it closes the
+gate) still ends with the secondary equal to the primary, on an async primary most writes take
 the path and every block reaches the secondary as last written, and on a sync primary every
 block is there as soon as the writers are done. That the initial copy waits for a write in
 flight is a race too narrow to hit reliably here: tests/unit/test_core.py and the simulator check it."""
@@ -58,6 +59,9 @@ def test_eight_writers_on_a_volume_without_a_pair_lose_nothing(started):
     for th in ts:
         th.join(timeout=120)
     assert not errors and not any(th.is_alive() for th in ts), errors   # a lost wake-up would hang here
+    v1 = next(v for v in t.status()["volumes"] if v["node"] == "site-a1" and v["name"] == "v1")
+    assert v1["writes"] == 12000 and v1["bytes_written"] == 12000 * 4096, v1     # counted exactly
+    assert v1["gate_writes"] > 11000, v1        # past the plain gate, once a first write opened it
     h = nbd.NBD()
     h.connect_uri(uri)
     try:
@@ -86,6 +90,8 @@ def test_a_pair_created_while_eight_writers_write_ends_equal(started):
     t.wait_duplex("site-a1:v1", timeout_s=120)
     r = t.verify("site-a1:v1", "site-b:v3", timeout_s=120)
     assert r["identical"], r
+    v1 = next(v for v in t.status()["volumes"] if v["node"] == "site-a1" and v["name"] == "v1")
+    assert 0 < v1["gate_writes"] < v1["writes"], v1     # past the gate before the pair, not after
     h = nbd.NBD()
     h.connect_uri(t.cluster.node("site-a1").nbd_uri("v1"))
     try:

@@ -24,6 +24,7 @@ class Harness:
         self.host: dict[Any, E.HostDone] = {}
         self.timers: list[E.SetTimer] = []
         self.logs: list[E.Log] = []
+        self.drains: list[E.GateDrain] = []
         self.storage_log: list[Any] = []
         self.trace: list[Any] = []          # every effect, in the order the core emitted them
         self.feed(Boot(boot or BootState(incarnation=f"{name}#1")))
@@ -47,6 +48,8 @@ class Harness:
                     self.host[eff.req] = eff
                 elif isinstance(eff, E.Log):
                     self.logs.append(eff)
+                elif isinstance(eff, E.GateDrain):
+                    self.drains.append(eff)         # the test says when it is done: ``drained``
                 else:
                     self.storage_log.append(eff)
                     try:
@@ -92,6 +95,10 @@ class Harness:
         """The volume write of a direct write lands, then the core is told."""
         self.world.storage(self.daemon, E.VolWrite(w.vol.name, w.offset, w.data))
         self.feed_effects(self.core.direct_written(w, self.now))
+
+    def drained(self) -> None:
+        """The oldest GateDrain is done (no write is past its gate any more)."""
+        self.feed(Completed(self.drains.pop(0).op, None))
 
     def answer(self, call: E.Call, reply: wire.Message | BaseException) -> None:
         self.calls.remove(call)

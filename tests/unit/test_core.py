@@ -16,6 +16,7 @@ from replicator.core import tables as T
 from replicator.core.bitmap import DiffMap
 from replicator.core.journal_space import RECORD_HEADER_BYTES
 from replicator.core.migration import source_key
+from replicator.core.node import HostIo
 from replicator.errors import IntegrityError, NodeUnreachable, RcopyError, StateError
 
 from .core_harness import Harness
@@ -451,6 +452,38 @@ def test_a_plain_write_holds_its_regions_and_its_count_until_it_is_written() -> 
     copy = [c for c in h.pending("pair.write") if c.msg["offset"] == 0]
     assert copy and bytes(copy[0].msg.payloads[0][:512]) == block("n")
     assert vol.inflight == 0 and h.direct("v1", 1024, block("m")) is None   # a sync pair now
+
+
+def test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it() -> None:
+    """core/plain_gate.py: a plain write the core admits opens the volume's gate; a pair create
+    closes it in the step that makes the volume a primary, only once no write is past it; a
+    flush syncs the volume for the writes that passed; a volume delete refuses while one is past."""
+    h = Harness("site-a1")
+    h.ok("volume.create", name="v1", size=SIZE)
+    vol = h.core.volumes["v1"]
+    assert not vol.gate.enter()                          # closed until the core admits a write
+    h.direct_landed(h.direct("v1", 0, block("a")))
+    assert vol.gate.enter()                              # open: this write passes without the core
+    assert "in flight" in str(h.request("volume.delete", name="v1").fields)
+    assert not vol.gate.enter()                          # the refusal closed it: the core's path
+    h.direct_landed(h.direct("v1", 0, block("a")))       # ... which opens it again
+    def flush_syncs() -> bool:
+        mark = len(h.storage_log)
+        h.feed(HostIo(("host", mark), "flush", "v1", 0, 0, None, False))
+        return any(isinstance(e, E.VolSync) for e in h.storage_log[mark:])
+    assert flush_syncs() and not flush_syncs()           # the core's writes; then nothing new
+    vol.gate.leave(512)                                  # the write past the gate is done
+    assert flush_syncs()                                 # ... and a flush syncs for it
+    assert vol.gate.enter()
+    h.request("pair.create", volume="v1", mode="sync", secondary=B)
+    h.answer(h.pending("pair.join")[0], wire.ok())
+    assert h.drains and vol.info.remote_copy_flag == "off"      # waits for the write past the gate
+    assert not vol.gate.enter()                                  # closed meanwhile
+    vol.gate.leave(512)
+    h.drained()
+    assert vol.info.remote_copy_flag == "source" and not vol.gate.open
+    h.write("v1", 512, block("b"))                      # a primary's write never opens it
+    assert not vol.gate.open and vol.gate.fold() == (2, 1024)
 
 
 def test_an_async_write_without_a_task_is_journaled_first_and_holds_until_written() -> None:

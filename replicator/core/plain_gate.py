@@ -1,0 +1,104 @@
+"""The plain gate: host writes to a plain volume (no pair, no migration) that pass without the core.
+
+A write to a plain volume needs nothing from the core: no journal, no bitmap, no region lock
+that anybody else takes while the volume stays plain. So it passes this gate on nbdkit's
+thread and writes the volume at once, without the driver's lock; under that lock every writer
+waited for every other one (no pair, 4 KiB random writes at the export: docs/BENCHMARKS.md).
+
+* The core opens the gate when it admits a plain write the usual way (core/direct.py: the
+  volume is plain, the node ready): the writes after it pass.
+* Every change that makes a volume not plain closes the gate in the very step that makes the
+  change: ``close`` (a pair create: it waits until no write is past the gate) or ``shut`` (a
+  pair join, a migration to the volume, its deletion: they refuse while a write is in flight,
+  as they refuse one in the core). A write that finds the gate closed goes to the core.
+
+Why a writer never slips past a closing gate: the writer appends itself to ``active``, then
+reads ``open``; the core clears ``open``, then reads ``active``. CPython runs one thread's
+Python at a time (the GIL), so each sees the other's store made before its own read: either
+the core sees the writer (and waits for it, or refuses) or the writer sees the gate closed.
+
+What is acknowledged when is unchanged: the write is in the page cache when its host is
+answered; a flush makes it durable: ``absorb`` tells the volume's syncer that writes passed.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Generator
+
+from ..errors import StateError
+from .effects import GateDrain
+
+if TYPE_CHECKING:
+    from .volume import Volume
+
+
+class PlainGate:
+    """One plain volume's gate: open or not, the writes past it, and what they did. The writer's
+    side (``enter`` ... ``leave``) is inlined in replicator/node.py's ``Node.write``."""
+
+    __slots__ = ("open", "active", "dirty", "done", "writes", "bytes")
+
+    def __init__(self) -> None:
+        self.open = False
+        self.active: list[None] = []    # one item per write past the gate (append, pop: atomic)
+        self.dirty = False              # a write passed since the last ``absorb``
+        self.done: list[int] = []       # sizes of the writes done since the last ``fold``
+        self.writes = 0                 # ... and before it (``fold``)
+        self.bytes = 0
+
+    def enter(self) -> bool:
+        """Pass the gate (True), or find it closed (False: take the core's path)."""
+        self.active.append(None)
+        if self.open:
+            return True
+        self.active.pop()
+        return False
+
+    def leave(self, nbytes: int | None) -> None:
+        """The write is done: ``nbytes`` written, or None (it failed; it may have written some)."""
+        if nbytes is not None:
+            self.done.append(nbytes)
+        self.dirty = True
+        self.active.pop()
+
+    def fold(self) -> tuple[int, int]:
+        """(writes, bytes) that passed the gate so far. One caller at a time (the core's: under
+        the driver's lock, from the node's status and once a second: the list stays short); it
+        pops what writers append meanwhile, so no write is lost or counted twice."""
+        done = self.done
+        while done:
+            self.bytes += done.pop()
+            self.writes += 1
+        return self.writes, self.bytes
+
+
+def open_for(vol: "Volume") -> None:
+    """``vol`` is plain and its node ready (the caller checked): let its next writes pass."""
+    vol.gate.open = True
+
+
+def absorb(vol: "Volume") -> None:
+    """Writes that passed since the last call count for the volume's next sync (a flush)."""
+    gate = vol.gate
+    if gate.dirty:
+        gate.dirty = False
+        vol.syncer.wrote()
+
+
+def close(vol: "Volume") -> Generator[Any, Any, None]:
+    """Close the gate and wait until no write is past it. The caller changes the volume's state
+    in the step this returns in (no yield in between): no write passes under the old state."""
+    gate = vol.gate
+    while True:
+        gate.open = False
+        if not gate.active:
+            break
+        yield GateDrain(vol.name, gate)
+    absorb(vol)
+
+
+def shut(vol: "Volume", refusal: str) -> None:
+    """Close the gate; raise StateError(``refusal``) if a write is past it or in the core."""
+    vol.gate.open = False
+    if vol.gate.active or vol.inflight:
+        raise StateError(refusal)
+    absorb(vol)
