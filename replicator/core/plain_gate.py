@@ -1,12 +1,13 @@
-"""The plain gate: host writes to a plain volume (no pair, no migration) that pass without the core.
+"""The plain gate: host I/O to a plain volume (no pair, no migration) that passes without the core.
 
 A write to a plain volume needs nothing from the core: no journal, no bitmap, no region lock
-that anybody else takes while the volume stays plain. So it passes this gate on nbdkit's
-thread and writes the volume at once, without the driver's lock; under that lock every writer
-waited for every other one (no pair, 4 KiB random writes at the export: docs/BENCHMARKS.md).
+that anybody else takes while the volume stays plain; nor does a read. So they pass this gate
+on nbdkit's thread and write (read) the volume at once, without the driver's lock; under that
+lock every writer waited for every other one (no pair, 4 KiB random writes at the export:
+docs/BENCHMARKS.md).
 
-* The core opens the gate when it admits a plain write the usual way (core/direct.py: the
-  volume is plain, the node ready): the writes after it pass.
+* The core opens the gate when it admits a plain write or read the usual way (core/direct.py,
+  PrimarySide.host_read: the volume is plain, the node ready): the I/O after it passes.
 * Every change that makes a volume not plain closes the gate in the very step that makes the
   change: ``close`` (a pair create: it waits until no write is past the gate) or ``shut`` (a
   pair join, a migration to the volume, its deletion: they refuse while a write is in flight,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 class PlainGate:
     """One plain volume's gate: open or not, the writes past it, and what they did. The writer's
-    side (``enter`` ... ``leave``) is inlined in replicator/node.py's ``Node.write``."""
+    side (``enter`` ... ``leave``) is inlined in replicator/node.py's ``Node.write`` and ``read``."""
 
     __slots__ = ("open", "active", "dirty", "done", "writes", "bytes")
 
@@ -58,6 +59,10 @@ class PlainGate:
         if nbytes is not None:
             self.done.append(nbytes)
         self.dirty = True
+        self.active.pop()
+
+    def leave_read(self) -> None:
+        """A read past the gate is done (reads pass it too: Node.read)."""
         self.active.pop()
 
     def fold(self) -> tuple[int, int]:

@@ -213,6 +213,8 @@ class PrimarySide:
                     yield from self.core.mig.ensure_migrated(vol, offset, length)
                 finally:
                     vol.locks.release(regions)
+            elif mode == T.NORMAL and vol.info.remote_copy_flag == "off" and not vol.info.migration:
+                plain_gate.open_for(vol)        # plain (mode NORMAL): the next reads and writes pass
             data = yield VolRead(vol.name, offset, length)
             return data
         finally:

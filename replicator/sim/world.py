@@ -433,6 +433,8 @@ class World:
                     msg.payloads[0] if msg.payloads else None, bool(f.get("fua")))
         if self.direct_writes and io.op == "write" and not io.fua:
             self._gated(target, self._direct_write, target, io)
+        elif self.direct_writes and io.op == "read":
+            self._gated(target, self._read, target, io)
         else:
             self._gated(target, target.deliver, io)
 
@@ -480,6 +482,33 @@ class World:
         r = self.rnd.random()
         stall = self.rnd.uniform(0.05, 0.3) if r < 0.05 else self.rnd.uniform(0.001, 0.02) if r < 0.25 else 0.0
         self.after(self._disk_latency(d) + stall, self._gated, d, self._plain_landed, d, d.incarnation, io, vol)
+
+    def _read(self, d: Daemon, io: HostIo) -> None:
+        """A read as Node.read makes it: past an open plain gate without the core, else the core's."""
+        vol = d.core.volumes.get(io.volume)
+        if vol is None or not vol.gate.enter():
+            d.deliver(io)
+            return
+        try:
+            vol.check(io.offset, io.length)
+        except RcopyError as exc:
+            vol.gate.leave_read()
+            self._host_done(d, E.HostDone(io.req, error=exc))
+            return
+        self.after(self._disk_latency(d), self._gated, d, self._plain_read, d, d.incarnation, io, vol)
+
+    def _plain_read(self, d: Daemon, inc: int, io: HostIo, vol: Any) -> None:
+        if d.incarnation != inc:
+            return
+        try:
+            result = self.storage(d, E.VolRead(io.volume, io.offset, io.length))
+        except RcopyError as exc:
+            result = exc
+        vol.gate.leave_read()
+        if isinstance(result, RcopyError):
+            self._host_done(d, E.HostDone(io.req, error=result))
+        else:
+            self._host_done(d, E.HostDone(io.req, result))
 
     def _plain_landed(self, d: Daemon, inc: int, io: HostIo, vol: Any) -> None:
         if d.incarnation != inc:

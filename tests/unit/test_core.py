@@ -455,13 +455,16 @@ def test_a_plain_write_holds_its_regions_and_its_count_until_it_is_written() -> 
 
 
 def test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it() -> None:
-    """core/plain_gate.py: a plain write the core admits opens the volume's gate; a pair create
+    """core/plain_gate.py: a plain write or read the core admits opens the volume's gate; a pair create
     closes it in the step that makes the volume a primary, only once no write is past it; a
     flush syncs the volume for the writes that passed; a volume delete refuses while one is past."""
     h = Harness("site-a1")
     h.ok("volume.create", name="v1", size=SIZE)
     vol = h.core.volumes["v1"]
     assert not vol.gate.enter()                          # closed until the core admits a write
+    h.feed(HostIo(("host", 0), "read", "v1", 0, 512, None, False))
+    assert vol.gate.open and h.host[("host", 0)].data == bytes(512)   # ... or a read
+    vol.gate.open = False
     h.direct_landed(h.direct("v1", 0, block("a")))
     assert vol.gate.enter()                              # open: this write passes without the core
     assert "in flight" in str(h.request("volume.delete", name="v1").fields)
