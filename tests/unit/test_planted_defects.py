@@ -1,5 +1,6 @@
-"""Plant each of issue 12's defects back into the core: the test that guards it must then fail,
-and the simulator must find the planted defects within its default run."""
+"""Plant each of issue 12's defects back into the core (and defects the later work could have
+made): the test that guards it must then fail, and the simulator must find the planted defects
+within its default run."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ from typing import Any, Callable, Generator
 
 import pytest
 
-from replicator.core import durable, migration, primary, source_group
+from replicator.core import durable, migration, plain_gate, primary, source_group
 from replicator.core.node import NodeCore
 from replicator.errors import NodeUnreachable, RcopyError
 from replicator.sim import run_seed
@@ -57,6 +58,18 @@ def _dual_write_best_effort(self: Any, vol: Any, offset: int, data: Any) -> Gene
     yield
 
 
+def _close_without_waiting(vol: Any) -> Generator[Any, Any, None]:
+    vol.gate.open = False
+    plain_gate.absorb(vol)
+    return
+    yield
+
+
+def _gate_left_open(vol: Any) -> Generator[Any, Any, None]:
+    return
+    yield
+
+
 PLANTS = {
     "1 failed handover: no way back": ("test_defect1_a_failed_handover_goes_back_to_through_and_can_be_resumed",
                                        lambda mp: mp.setattr(test_core, "target", _target_never_gives_up)),
@@ -75,6 +88,12 @@ PLANTS = {
                                     lambda mp: mp.setattr(migration.Migrations, "frozen", lambda self, v: False)),
     "7 lag samples unbounded": ("test_defect7_lag_samples_stay_bounded",
                                 lambda mp: mp.setattr(source_group.SourceGroup, "_sample", _lag_unbounded)),
+    "plain gate: a flush that does not count the writes past it": (
+        "test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it",
+        lambda mp: mp.setattr(plain_gate, "absorb", lambda vol: None)),
+    "plain gate: a pair create that does not wait for the writes past it": (
+        "test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it",
+        lambda mp: mp.setattr(plain_gate, "close", _close_without_waiting)),
     "8 dual write best effort": ("test_defect8_dual_write_happens_in_order_before_the_ack_and_a_failure_is_recorded",
                                  lambda mp: mp.setattr(migration.Migrations, "dual_write", _dual_write_best_effort)),
 }
@@ -181,3 +200,13 @@ def test_the_simulator_finds_a_background_copy_that_overwrites_host_data(monkeyp
         return (yield from original(self, Blind(vol), regions, data))
     monkeypatch.setattr(migration.Migrations, "_store_regions", store_blind)
     assert _first_failing_seed(range(0, 100), procedures=("migrate",)) is not None
+
+
+@pytest.mark.parametrize("plant", [_gate_left_open, _close_without_waiting])
+def test_the_simulator_finds_a_pair_create_that_mishandles_the_plain_gate(plant: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pair create that leaves a plain volume's gate open (its writes then bypass the journal
+    and the secondary), or closes it without waiting for the writes past it (a write that lands
+    after the initial copy read its region is never copied): the secondary misses writes."""
+    monkeypatch.setattr(plain_gate, "close", plant)
+    assert _first_failing_seed(range(0, 300), procedures=("initial-copy",)) is not None
