@@ -68,12 +68,13 @@ class Node:
         return req.wait()
 
     def read(self, volume: str, offset: int, length: int) -> bytes:
-        """A volume whose plain gate is open is read at once (as ``write``); others through the core."""
+        """A volume whose gate lets reads pass (core/plain_gate.py: plain, or a primary in rw_mode
+        NORMAL) is read at once, without the core (as ``write``); others through the core."""
         vol = self.core.volumes.get(volume)
         if vol is not None:
             active = vol.gate.active
             active.append(None)
-            if vol.gate.open and 0 <= offset and offset + length <= vol.info.size:
+            if vol.gate.reads and 0 <= offset and offset + length <= vol.info.size:
                 try:
                     return self._plain_read(volume, offset, length)
                 finally:

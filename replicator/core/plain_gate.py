@@ -6,12 +6,15 @@ on nbdkit's thread and write (read) the volume at once, without the driver's loc
 lock every writer waited for every other one (no pair, 4 KiB random writes at the export:
 docs/BENCHMARKS.md).
 
-* The core opens the gate when it admits a plain write or read the usual way (core/direct.py,
-  PrimarySide.host_read: the volume is plain, the node ready): the I/O after it passes.
+* The core opens the gate when it admits a plain write the usual way (core/direct.py: the
+  volume is plain, the node ready): the I/O after it passes. A read the core admits opens it
+  to reads only (``reads``) on a plain volume or a primary in rw_mode NORMAL that is no
+  migration's target (PrimarySide.host_read): reading there needs nothing from the core either.
 * Every change that makes a volume not plain closes the gate in the very step that makes the
-  change: ``close`` (a pair create: it waits until no write is past the gate) or ``shut`` (a
-  pair join, a migration to the volume, its deletion: they refuse while a write is in flight,
-  as they refuse one in the core). A write that finds the gate closed goes to the core.
+  change: ``close`` (a pair create: it waits until no write is past the gate; reads go on) or
+  ``shut`` (a pair join, a migration to the volume, its deletion: closed to reads too, they
+  refuse while I/O is in flight, as they refuse it in the core). I/O that finds the gate
+  closed goes to the core.
 
 Why a writer never slips past a closing gate: the writer appends itself to ``active``, then
 reads ``open``; the core clears ``open``, then reads ``active``. CPython runs one thread's
@@ -36,10 +39,11 @@ class PlainGate:
     """One plain volume's gate: open or not, the writes past it, and what they did. The writer's
     side (``enter`` ... ``leave``) is inlined in replicator/node.py's ``Node.write`` and ``read``."""
 
-    __slots__ = ("open", "active", "dirty", "done", "writes", "bytes")
+    __slots__ = ("open", "reads", "active", "dirty", "done", "writes", "bytes")
 
     def __init__(self) -> None:
-        self.open = False
+        self.open = False               # writes and reads pass: the volume is plain
+        self.reads = False              # reads pass: the volume is plain or a primary, rw_mode NORMAL
         self.active: list[None] = []    # one item per write past the gate (append, pop: atomic)
         self.dirty = False              # a write passed since the last ``absorb``
         self.done: list[int] = []       # sizes of the writes done since the last ``fold``
@@ -78,7 +82,16 @@ class PlainGate:
 
 def open_for(vol: "Volume") -> None:
     """``vol`` is plain and its node ready (the caller checked): let its next writes pass."""
-    vol.gate.open = True
+    vol.gate.open = vol.gate.reads = True
+
+
+def open_reads(vol: "Volume") -> None:
+    """``vol`` is plain or a primary, in rw_mode NORMAL and no migration's target, its node ready
+    (the caller checked): let its next reads pass. A read needs nothing from the core there: no
+    region is fetched from elsewhere, nothing is relayed (a frozen V1 still reads its own bytes,
+    as in the core); only a migration to the volume, a pair join and a delete change that, and
+    they ``shut`` the gate."""
+    vol.gate.reads = True
 
 
 def absorb(vol: "Volume") -> None:
@@ -102,8 +115,9 @@ def close(vol: "Volume") -> Generator[Any, Any, None]:
 
 
 def shut(vol: "Volume", refusal: str) -> None:
-    """Close the gate; raise StateError(``refusal``) if a write is past it or in the core."""
-    vol.gate.open = False
+    """Close the gate to writes and reads; raise StateError(``refusal``) if I/O is past it or in
+    the core."""
+    vol.gate.open = vol.gate.reads = False
     if vol.gate.active or vol.inflight:
         raise StateError(refusal)
     absorb(vol)

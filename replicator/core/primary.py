@@ -213,8 +213,9 @@ class PrimarySide:
                     yield from self.core.mig.ensure_migrated(vol, offset, length)
                 finally:
                     vol.locks.release(regions)
-            elif mode == T.NORMAL and vol.info.remote_copy_flag == "off" and not vol.info.migration:
-                plain_gate.open_for(vol)        # plain (mode NORMAL): the next reads and writes pass
+            elif mode == T.NORMAL and vol.info.remote_copy_flag in ("off", "source") \
+                    and self.core.mig.target_of(vol) is None:
+                plain_gate.open_reads(vol)      # the next reads pass without the core
             data = yield VolRead(vol.name, offset, length)
             return data
         finally:

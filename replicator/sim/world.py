@@ -484,9 +484,14 @@ class World:
         self.after(self._disk_latency(d) + stall, self._gated, d, self._plain_landed, d, d.incarnation, io, vol)
 
     def _read(self, d: Daemon, io: HostIo) -> None:
-        """A read as Node.read makes it: past an open plain gate without the core, else the core's."""
+        """A read as Node.read makes it: past a gate open to reads without the core, else the core's."""
         vol = d.core.volumes.get(io.volume)
-        if vol is None or not vol.gate.enter():
+        if vol is None:
+            d.deliver(io)
+            return
+        vol.gate.active.append(None)
+        if not vol.gate.reads:
+            vol.gate.active.pop()
             d.deliver(io)
             return
         try:

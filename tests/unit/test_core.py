@@ -455,7 +455,8 @@ def test_a_plain_write_holds_its_regions_and_its_count_until_it_is_written() -> 
 
 
 def test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it() -> None:
-    """core/plain_gate.py: a plain write or read the core admits opens the volume's gate; a pair create
+    """core/plain_gate.py: a plain write the core admits opens the volume's gate (a read opens it to
+    reads); a pair create
     closes it in the step that makes the volume a primary, only once no write is past it; a
     flush syncs the volume for the writes that passed; a volume delete refuses while one is past."""
     h = Harness("site-a1")
@@ -463,8 +464,8 @@ def test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it() 
     vol = h.core.volumes["v1"]
     assert not vol.gate.enter()                          # closed until the core admits a write
     h.feed(HostIo(("host", 0), "read", "v1", 0, 512, None, False))
-    assert vol.gate.open and h.host[("host", 0)].data == bytes(512)   # ... or a read
-    vol.gate.open = False
+    assert vol.gate.reads and not vol.gate.open and h.host[("host", 0)].data == bytes(512)  # reads only
+    vol.gate.reads = False
     h.direct_landed(h.direct("v1", 0, block("a")))
     assert vol.gate.enter()                              # open: this write passes without the core
     assert "in flight" in str(h.request("volume.delete", name="v1").fields)
@@ -487,6 +488,23 @@ def test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it() 
     assert vol.info.remote_copy_flag == "source" and not vol.gate.open
     h.write("v1", 512, block("b"))                      # a primary's write never opens it
     assert not vol.gate.open and vol.gate.fold() == (2, 1024)
+    h.feed(HostIo(("host", 9), "read", "v1", 0, 512, None, False))
+    assert vol.gate.reads and not vol.gate.open          # a primary's read lets reads pass
+
+
+def test_a_migration_target_shuts_the_gate_to_reads_and_never_opens_it() -> None:
+    """V2 relays its reads to V1 (THROUGH) or fetches regions (MIGRATING): its gate opened to
+    reads while it was plain is shut when the migration to it starts, and stays shut."""
+    h = Harness("site-a2")
+    h.ok("volume.create", name="v2", size=SIZE)
+    v2 = h.core.volumes["v2"]
+    h.feed(HostIo(("host", 0), "read", "v2", 0, 512, None, False))
+    assert v2.gate.reads
+    h.ok("mig.prepare_target", id="m", group="v1", members=[{"target": "v2", "size": SIZE, "source": A1,
+                                                              "secondary": B}])
+    assert not v2.gate.reads and not v2.gate.open
+    h.feed(HostIo(("host", 1), "read", "v2", 0, 512, None, False))     # relayed to V1 (THROUGH)
+    assert not v2.gate.reads and h.pending("volume.read")
 
 
 def test_an_async_write_without_a_task_is_journaled_first_and_holds_until_written() -> None:
