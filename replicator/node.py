@@ -55,7 +55,7 @@ class Node:
         log.info("node %s started (control %s, incarnation %s)", self.name, self.control, self.incarnation)
 
     def stop(self) -> None:
-        idle = self.driver.call(lambda: all(v.inflight == 0 and not v.gate.active
+        idle = self.driver.call(lambda: all(v.inflight == 0 and not v.gate.active and not v.gate.reading
                                             for v in self.core.volumes.values()))
         self.driver.stop()
         self.storage.stop(clean=idle and self.core.ready)
@@ -72,14 +72,14 @@ class Node:
         NORMAL) is read at once, without the core (as ``write``); others through the core."""
         vol = self.core.volumes.get(volume)
         if vol is not None:
-            active = vol.gate.active
-            active.append(None)
+            reading = vol.gate.reading
+            reading.append(None)
             if vol.gate.reads and 0 <= offset and offset + length <= vol.info.size:
                 try:
                     return self._plain_read(volume, offset, length)
                 finally:
-                    active.pop()
-            active.pop()
+                    reading.pop()
+            reading.pop()
         data = self._host("read", volume, offset, length)
         assert data is not None
         return data

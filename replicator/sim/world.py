@@ -486,12 +486,7 @@ class World:
     def _read(self, d: Daemon, io: HostIo) -> None:
         """A read as Node.read makes it: past a gate open to reads without the core, else the core's."""
         vol = d.core.volumes.get(io.volume)
-        if vol is None:
-            d.deliver(io)
-            return
-        vol.gate.active.append(None)
-        if not vol.gate.reads:
-            vol.gate.active.pop()
+        if vol is None or not vol.gate.enter(read=True):
             d.deliver(io)
             return
         try:

@@ -483,8 +483,11 @@ def test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it() 
     h.answer(h.pending("pair.join")[0], wire.ok())
     assert h.drains and vol.info.remote_copy_flag == "off"      # waits for the write past the gate
     assert not vol.gate.enter()                                  # closed meanwhile
+    h.direct_landed(h.direct("v1", 1024, block("c")))            # the core's write does not reopen it
+    assert not vol.gate.open and vol.gate.enter(read=True)           # reads go on, and are not waited for
     vol.gate.leave(512)
     h.drained()
+    vol.gate.leave_read()
     assert vol.info.remote_copy_flag == "source" and not vol.gate.open
     h.write("v1", 512, block("b"))                      # a primary's write never opens it
     assert not vol.gate.open and vol.gate.fold() == (2, 1024)

@@ -65,6 +65,10 @@ def _close_without_waiting(vol: Any) -> Generator[Any, Any, None]:
     yield
 
 
+def _open_always(vol: Any) -> None:
+    vol.gate.open = vol.gate.reads = True
+
+
 def _gate_left_open(vol: Any) -> Generator[Any, Any, None]:
     return
     yield
@@ -94,6 +98,9 @@ PLANTS = {
     "plain gate: a pair create that does not wait for the writes past it": (
         "test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it",
         lambda mp: mp.setattr(plain_gate, "close", _close_without_waiting)),
+    "plain gate: reopened by a write while a pair create drains it": (
+        "test_a_pair_create_waits_for_the_writes_past_the_plain_gate_and_closes_it",
+        lambda mp: mp.setattr(plain_gate, "open_for", _open_always)),
     "8 dual write best effort": ("test_defect8_dual_write_happens_in_order_before_the_ack_and_a_failure_is_recorded",
                                  lambda mp: mp.setattr(migration.Migrations, "dual_write", _dual_write_best_effort)),
 }
