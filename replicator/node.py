@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .core.config import Config
+from .core.effects import VolRead
 from .core.node import Boot, HostIo, NodeCore
 from .driver import Driver, HostRequest
-from .errors import IntegrityError, NotFound
+from .errors import NotFound
 from .keys import load as load_keys
 from .storage import NodeStorage
 
@@ -76,19 +77,13 @@ class Node:
             reading.append(None)
             if vol.gate.reads and 0 <= offset and offset + length <= vol.info.size:
                 try:
-                    return self._plain_read(volume, offset, length)
+                    return self.storage.run(VolRead(volume, offset, length))
                 finally:
                     reading.pop()
             reading.pop()
         data = self._host("read", volume, offset, length)
         assert data is not None
         return data
-
-    def _plain_read(self, volume: str, offset: int, length: int) -> bytes:
-        try:
-            return self.storage.stores[volume].read(offset, length)
-        except OSError as exc:
-            raise IntegrityError(f"read of {volume} failed: {exc}") from None
 
     def write(self, volume: str, data: Any, offset: int, fua: bool = False) -> None:
         """A volume in no pair and no migration whose gate is open (core/plain_gate.py) is written
@@ -108,7 +103,7 @@ class Node:
                 n = len(data)
                 if gate.open and 0 <= offset and offset + n <= vol.info.size:   # else the core says why
                     try:
-                        self._plain_write(volume, offset, data, n)
+                        self.storage.write_volume(volume, offset, data, keep_gil=False)   # no lock held
                         gate.done.append(n)
                     finally:
                         gate.dirty = True
@@ -120,15 +115,6 @@ class Node:
                 req, volume, offset, data, lambda d: self.storage.write_volume(volume, offset, d)):
             return
         self._host("write", volume, offset, len(data), bytes(data), bool(fua), req)
-
-    def _plain_write(self, volume: str, offset: int, data: Any, n: int) -> None:
-        """The bytes of a write past an open plain gate, with the GIL released while the kernel
-        copies them: no lock of this process is held meanwhile."""
-        try:
-            if os.pwrite(self.storage.stores[volume].fd, data, offset) != n:
-                self.storage.write_volume(volume, offset, data, keep_gil=False)   # short: again, whole
-        except OSError as exc:
-            raise IntegrityError(f"write to {volume} failed: {exc}") from None
 
     def flush(self, volume: str) -> None:
         self._host("flush", volume)

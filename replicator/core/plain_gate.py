@@ -12,16 +12,15 @@ docs/BENCHMARKS.md).
   migration's target (PrimarySide.host_read): reading there needs nothing from the core either.
 * Every change that makes a volume not plain closes the gate in the very step that makes the
   change: ``close`` (a pair create: it waits until no write is past the gate, and nothing
-  reopens it meanwhile; reads go on) or
-  ``shut`` (a pair join, a migration to the volume, its deletion: closed to reads too, they
-  refuse while I/O is in flight, as they refuse it in the core). I/O that finds the gate
-  closed goes to the core.
+  reopens it meanwhile; reads go on) or ``shut`` (a pair join, a migration to the volume, its
+  deletion: closed to reads too, they refuse while I/O is in flight, as they refuse it in the
+  core). I/O that finds the gate closed goes to the core.
 
 Why a writer never slips past a closing gate: the writer appends itself to ``active``, then
 reads ``open``; the core clears ``open``, then reads ``active`` (a reader: ``reading`` and
-``reads``, the same way). CPython runs one thread's
-Python at a time (the GIL), so each sees the other's store made before its own read: either
-the core sees the writer (and waits for it, or refuses) or the writer sees the gate closed.
+``reads``, the same way). CPython runs one thread's Python at a time (the GIL), so each sees
+the other's store made before its own read: either the core sees the writer (and waits for
+it, or refuses) or the writer sees the gate closed.
 
 What is acknowledged when is unchanged: the write is in the page cache when its host is
 answered; a flush makes it durable: ``absorb`` tells the volume's syncer that writes passed.
