@@ -670,6 +670,7 @@ class Migrations:
         state = {"next": 0, "running": 0, "copied": 0, "start": core.rt.now, "error": None}
         taken: set[int] = set()
         key = ("bgcopy", sm.id, v.name)
+        free = ("bgcopy-free", sm.id, v.name)      # a stream gave regions back
 
         def take() -> int | None:
             for start in (state["next"], 0):
@@ -684,10 +685,19 @@ class Migrations:
 
         def stream() -> Generator[Any, Any, None]:
             try:
-                while (region := take()) is not None:
+                while True:
+                    region = take()
+                    if region is None:
+                        if not taken:
+                            return
+                        # another stream holds what is left (a hole check reserves up to
+                        # copy_hole_regions): it may give some back, so wait for it, do not end
+                        yield Wait(free)
+                        continue
                     run = range(region, region + 1)
                     try:
                         n = yield from self._push_holes(v, target, region, taken)
+                        core.rt.notify(free)                # what it reserved and did not send
                         moved = self.moved.setdefault(sm.id, [0, 0])
                         if n:
                             run = range(region, region + n)
@@ -702,6 +712,7 @@ class Migrations:
                             taken.update(run)               # taken while _data_run looks at them
                             n = yield from self._data_run(v, region, n)
                             taken.difference_update(range(region + n, run.stop))
+                            core.rt.notify(free)
                             run = range(region, region + n)
                             sent = yield from self._push_regions(v, target, run)
                             moved[0 if sent else 1] += sent or _run_bytes(v, run)
@@ -715,6 +726,7 @@ class Migrations:
                                 yield Sleep(min(ahead, 5.0))
                     finally:
                         taken.difference_update(run)
+                        core.rt.notify(free)
             finally:
                 state["running"] -= 1
                 core.rt.notify(key)

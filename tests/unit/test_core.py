@@ -624,3 +624,25 @@ def test_an_async_write_without_a_task_whose_append_fails_folds_then_writes() ->
     assert vol.info.pair_state == T.SUSPENDED and vol.diff.any_set(1024, 512)
     assert vol.inflight == 0 and not vol.locks.held and not vol.active
     assert h.direct("v1", 2048, block("g")) is None         # suspended: tracked writes take the task
+
+
+def test_the_background_copy_keeps_copy_streams_messages_in_flight() -> None:
+    """A stream whose hole check reserved the regions ahead made the other streams find nothing
+    and end: one region message in flight at a time (2026-12-04: 1.3x the copy rate once fixed).
+    Now they wait for what it gives back, so copy_streams messages go at once."""
+    h = source_ready("sync")
+    h.ok("mig.handover", volumes=["v1"], target="site-a2", id="m", attempt="x/1")
+    for offset in range(0, SIZE, 4096):                           # data in every region: no holes
+        h.world.storage(h.daemon, E.VolWrite("v1", offset, block(chr(97 + offset // 4096), 4096)))
+    sm, v1 = h.core.migrations[source_key("m")], h.core.volumes["v1"]
+    h.core.rt.spawn(h.core.mig._background_copy(sm, v1), "copy")
+    h.feed_effects(h.core.rt.take())
+    streams, batch = h.core.cfg.copy_streams, h.core.cfg.copy_batch_regions
+    sent: list[tuple[int, int]] = []
+    while not v1.migrated.all_set():
+        calls = h.pending("mig.region")
+        assert len(calls) == min(streams, -(-(v1.migrated.nregions - len(sent) * batch) // batch))
+        for c in calls:
+            sent.append((c.msg["region"], c.msg["count"]))
+            h.answer(c, wire.ok(skipped=False))
+    assert sorted(sent) == [(r, min(batch, v1.migrated.nregions - r)) for r in range(0, v1.migrated.nregions, batch)]
