@@ -47,6 +47,23 @@ class Pending:
 LIVE_CHUNK = 64 * 1024          # the granularity of live_under
 
 
+@dataclass(slots=True, eq=False)
+class _Ahead:
+    """A push's next batch (``first..last``), read while the push before it travels."""
+
+    first: int
+    last: int
+    entries: list[JEntry] | None = None
+    done: bool = False
+
+    def usable(self, start: int, limit: int) -> list[JEntry]:
+        """Its entries if the push goes on from ``first`` (no error or reset meanwhile) and may
+        still send them all (a handover lowers the limit); else none: the loop reads again."""
+        if self.entries and self.first == start and self.entries[-1].seq <= limit:
+            return self.entries
+        return []
+
+
 class SourceGroup:
     """The journal management information of one group (SPEC 5.3) and its transfer."""
 
@@ -406,6 +423,7 @@ class SourceGroup:
         """Async-transfer (W) 212 with deferred discard (Fig. 26, 28, 30)."""
         cfg, rt = self.core.cfg, self.core.rt
         next_heartbeat = 0.0
+        ahead: _Ahead | None = None
         while self.name in self.core.primary.groups:
             dest, transfer, pair_state = self.dest()
             if dest is None or pair_state == T.SUSPENDED or transfer == "pull" or self.folding:
@@ -417,7 +435,12 @@ class SourceGroup:
                 yield Wait(("stored", self.name), timeout_s=next_heartbeat - rt.now)
                 continue
             entries: list[JEntry] = []
-            if start <= limit:
+            if ahead is not None:
+                while not ahead.done:
+                    yield Wait(("ahead", self.name))
+                entries = ahead.usable(start, limit)
+                ahead = None
+            if start <= limit and not entries:
                 last = self._batch_end(start, limit, self.batch_bytes())
                 yield from self.make_durable(last)
                 try:
@@ -426,6 +449,10 @@ class SourceGroup:
                     yield Wait(("discarded", self.name), timeout_s=cfg.link_retry_s)
                     continue
             metas, frames, packed = entry_frames(entries)
+            if entries and entries[-1].seq < limit:      # the next batch is read while this one travels
+                after = entries[-1].seq + 1
+                ahead = _Ahead(after, self._batch_end(after, limit, self.batch_bytes()))
+                rt.spawn(self._read_ahead(ahead), f"push-ahead-{self.name}")
             try:
                 reply = yield from self.core.call(dest.node, dest.control, "journal.push", {
                     "group": self.name, "source": self.core.name, "entries": metas, "packed": packed},
@@ -444,6 +471,18 @@ class SourceGroup:
                 self.next_send = entries[-1].seq + 1
                 self.transferred = max(self.transferred, entries[-1].seq)
             yield from self.note_applied(int(reply.get("applied", 0)))
+
+    def _read_ahead(self, ahead: "_Ahead") -> Generator[Any, Any, None]:
+        """The push's next batch, durable and read (from memory or the journal) while the push
+        before it is on its way; a failure leaves it to the push loop to read again."""
+        try:
+            yield from self.make_durable(ahead.last)
+            ahead.entries = yield from self.read_entries(ahead.first, ahead.last)
+        except RcopyError:
+            pass
+        finally:
+            ahead.done = True
+            self.core.rt.notify(("ahead", self.name))
 
     def serve_pull(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """Fig. 32: entries from ``from_seq``; a range not stored is an error with no side effect."""

@@ -6,6 +6,7 @@ the defect back into the core makes the same test fail (test_planted_defects.py)
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from replicator.core.journal_space import RECORD_HEADER_BYTES
 from replicator.core.migration import source_key
 from replicator.core.node import HostIo
 from replicator.errors import IntegrityError, NodeUnreachable, RcopyError, StateError
+from replicator.sim.scenario import SIM_CONFIG
 
 from .core_harness import Harness
 
@@ -646,3 +648,29 @@ def test_the_background_copy_keeps_copy_streams_messages_in_flight() -> None:
             sent.append((c.msg["region"], c.msg["count"]))
             h.answer(c, wire.ok(skipped=False))
     assert sorted(sent) == [(r, min(batch, v1.migrated.nregions - r)) for r in range(0, v1.migrated.nregions, batch)]
+
+
+def test_a_push_reads_the_next_batch_while_it_travels_and_sends_it_as_read() -> None:
+    """The push loop makes the next batch durable and reads it while the push before it waits
+    for the secondary, then sends exactly those entries, in order, after the reply."""
+    h = Harness("site-a1", cfg=replace(SIM_CONFIG, push_cache_bytes=0))     # every batch read from the journal
+    h.ok("volume.create", name="v1", size=SIZE)
+    h.request("pair.create", volume="v1", mode="async", secondary=B)
+    h.answer(h.pending("pair.join")[0], wire.ok())
+    finish_copy(h)
+    n = 40                                                          # batches of up to 16 entries
+    for i in range(n):
+        h.write("v1", i % 32 * 1024, block(chr(97 + i % 26), 1024))
+    read_ahead = 0
+    while (calls := h.pending("journal.push")):
+        push = calls[0]
+        seqs = [m[0] for m in push.msg["entries"]]
+        if seqs and seqs[-1] < n:
+            reads = [e for e in h.trace[h.trace.index(push):] if isinstance(e, E.JournalRead)]
+            assert reads and reads[0].first == seqs[-1] + 1       # read before the reply came
+            read_ahead += 1
+        h.answer(push, wire.ok(applied=0, incarnation="b#1"))
+        if not seqs and read_ahead:
+            break
+    assert read_ahead >= 2
+    assert [m[0] for c in pushes(h) for m in c.msg["entries"]] == list(range(1, n + 1))
