@@ -480,6 +480,8 @@ class SourceGroup:
             ahead.entries = yield from self.read_entries(ahead.first, ahead.last)
         except RcopyError:
             pass
+        except Exception as exc:  # noqa: BLE001 - a bug: said, and the loop reads the batch itself
+            self.core.log("bug", f"reading group {self.name}'s next push ahead failed: {type(exc).__name__}: {exc}")
         finally:
             ahead.done = True
             self.core.rt.notify(("ahead", self.name))
