@@ -596,7 +596,7 @@ class Journal:
                         return out
                     raise RangeNotStored(self._not_stored(seq))
                 out.append(Entry(seq, self._names[slot.volume_id], slot.offset,
-                                 Zeros(slot.span) if slot.zero else bytes(data)))
+                                 Zeros(slot.span) if slot.zero else data))
             i = j
         return out
 

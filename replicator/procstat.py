@@ -14,6 +14,11 @@ def cpu_s(path: Path | str) -> float:
     return (int(f[11]) + int(f[12])) / TICK
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of /proc/PID so far (each a page of memory touched for the first time)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def process_cpu_s(pid: int) -> float:
     return cpu_s(f"/proc/{pid}")
 

@@ -25,7 +25,7 @@ class Message:
 
     kind: str
     fields: dict[str, Any] = field(default_factory=dict)
-    payloads: list[bytes] = field(default_factory=list)
+    payloads: list[bytes | memoryview] = field(default_factory=list)   # received frames are views, never copied
 
     def __getitem__(self, key: str) -> Any:
         try:
@@ -67,7 +67,7 @@ def decode(frames: list[bytes] | list[memoryview]) -> Message:
     if not isinstance(obj, dict) or not isinstance(obj.get("kind"), str) \
             or not isinstance(obj.get("fields", {}), dict):
         raise ProtocolError("malformed header: need {kind: str, fields: dict}")
-    return Message(obj["kind"], obj.get("fields", {}), [bytes(f) for f in frames[1:]])
+    return Message(obj["kind"], obj.get("fields", {}), list(frames[1:]))
 
 
 def ok(payloads: list[bytes] | None = None, **fields: Any) -> Message:

@@ -19,6 +19,12 @@ def test_wire_round_trip():
     assert back == msg
 
 
+def test_wire_decode_keeps_received_frames_without_a_copy():
+    data = memoryview(b"d" * (1 << 20))
+    back = wire.decode([memoryview(wire.encode(wire.Message("journal.push", {"n": 1}))[0]), data])
+    assert back.fields == {"n": 1} and back.payloads[0] is data
+
+
 @pytest.mark.parametrize("frames", [
     [], [b""], [b"\x02{}"], [b"\x01not json"], [b"\x01[1,2]"], [b'\x01{"kind": 5}'],
     [b'\x01{"kind": "x", "fields": []}'], [b"\x01\xff\xfe"],
