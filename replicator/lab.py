@@ -31,8 +31,10 @@ LAB_MARK = ".rcopy-lab"
 PORTS_BELOW_EPHEMERAL = 10000       # the lab's listening ports come from this many below that range
 
 
-def free_port() -> int:
-    """A port free to listen on now, below the kernel's range for outgoing connections. The lab
+def free_port(taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """A port free to listen on now, below the kernel's range for outgoing connections, and not in
+    ``taken`` (the ports already given to the lab's other daemons, not listened on yet: a port is
+    only tried and let go here, so without this two daemons could get the same one). The lab
     picks its ports before it starts its daemons; a port from that range (what binding port 0
     gives) could be taken meanwhile by an outgoing connection (a ping of a node just started),
     and the daemon that was to listen on it would exit at start-up."""
@@ -43,20 +45,32 @@ def free_port() -> int:
     rnd, start = random.SystemRandom(), max(1024, low - PORTS_BELOW_EPHEMERAL)
     for _ in range(200 if start < low else 0):
         port = rnd.randrange(start, low)
+        if port in taken:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue        # a listener has it (or a connection is still closing on it)
             return port
-    with socket.socket() as s:  # a crowded (or no) range below: the kernel's pick, as before
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:                 # a crowded (or no) range below: the kernel's pick, as before
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def make_cluster(lab_dir: Path, tls: bool = False, net: netlab.NetLab | None = None) -> Cluster:
     """The lab's cluster file; with ``net`` every daemon listens on its namespace's address."""
     cluster = Cluster(path=lab_dir / "cluster.toml", dir=lab_dir, keys=keys.generate(lab_dir / "keys"))
+    taken: set[int] = set()
+
+    def port() -> int:
+        """A port no other daemon of this lab has."""
+        p = free_port(taken)
+        taken.add(p)
+        return p
 
     def addr(name: str) -> tuple[str, str | None]:
         site = net.sites.get(name) if net else None
@@ -64,12 +78,12 @@ def make_cluster(lab_dir: Path, tls: bool = False, net: netlab.NetLab | None = N
     for name in NODES:
         state = lab_dir / name
         host, ns = addr(name)
-        cluster.nodes[name] = Endpoint(name, "node", f"tcp://{host}:{free_port()}", str(state / "nbd.sock"),
-                                       state, netns=ns, metrics=f"{host}:{free_port()}")
+        cluster.nodes[name] = Endpoint(name, "node", f"tcp://{host}:{port()}", str(state / "nbd.sock"),
+                                       state, netns=ns, metrics=f"{host}:{port()}")
     state = lab_dir / "host"
     psk = str(keys.generate_tls_psk(lab_dir / "keys")) if tls else None
     host, ns = addr("host")
-    cluster.vvol_servers["host"] = Endpoint("host", "vvol_server", f"tcp://{host}:{free_port()}",
+    cluster.vvol_servers["host"] = Endpoint("host", "vvol_server", f"tcp://{host}:{port()}",
                                             str(state / "nbd.sock"), state, netns=ns, tls_psk=psk)
     return cluster
 
