@@ -3,20 +3,32 @@ and scripts/profile)."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat(path: Path | str) -> list[str]:
+    """The fields of PATH/stat after the command name (the first is the state)."""
+    return Path(path, "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_s(path: Path | str) -> float:
     """utime + stime of /proc/PID or /proc/PID/task/TID, in seconds."""
-    f = Path(path, "stat").read_text().rsplit(")", 1)[1].split()
+    f = _stat(path)
     return (int(f[11]) + int(f[12])) / TICK
 
 
 def minor_faults(pid: int) -> int:
     """Minor page faults of /proc/PID so far (each a page of memory touched for the first time)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    return int(_stat(f"/proc/{pid}")[7])
+
+
+def perf_record(pid: int, out: Path, seconds: float) -> subprocess.Popen:
+    """``perf record -g`` of ``pid`` into ``out`` for ``seconds`` in the background (wait for it)."""
+    return subprocess.Popen(["perf", "record", "-q", "-g", "-p", str(pid), "-o", str(out), "--", "sleep", str(seconds)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def process_cpu_s(pid: int) -> float:
