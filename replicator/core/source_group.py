@@ -367,11 +367,15 @@ class SourceGroup:
         target = self.discardable()
         if target <= self.discarded or self.discarding or self.folding:
             return
-        now, j = self.core.rt.now, self
-        # Each discard is a durable meta write: under load at most every discard_every_s, at once
-        # when everything is applied or the journal is half full.
-        if not (self.applied >= self.stored or now - self.last_discard >= self.core.cfg.discard_every_s
-                or 2 * j.space.used() >= j.space.capacity):
+        now, cfg = self.core.rt.now, self.core.cfg
+        # Each discard syncs the group's volumes and writes the journal's meta durably: under load
+        # at most every discard_every_s, at once when everything is applied or the journal is
+        # nearly full (halfway from the high-water mark to full, where back-pressure grows steep).
+        # A host writing faster than the link keeps the journal at its high-water mark: a discard
+        # per push there cost the drain 11-17% (docs/BENCHMARKS.md).
+        nearly_full = (1.0 + cfg.journal_high_water) / 2 * self.space.capacity
+        if not (self.applied >= self.stored or now - self.last_discard >= cfg.discard_every_s
+                or self.space.used() >= nearly_full):
             return
         self.discarding = True
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from replicator import wire
 from replicator.core import effects as E
 from replicator.core import tables as T
+from replicator.core.journal_space import RECORD_HEADER_BYTES
 
 from .core_harness import Harness
 from .test_core import SIZE, block, primary, pump
@@ -44,6 +45,29 @@ def test_defers_discards_under_load_to_save_meta_writes() -> None:
     for c in h.pending("journal.push"):
         h.answer(c, wire.ok(applied=2, incarnation="b#1"))
     assert len(discards(h)) == first      # within discard_every_s of the last one: later
+
+
+def test_frees_space_at_once_only_when_the_journal_is_nearly_full() -> None:
+    """A host faster than the link keeps the journal at its high-water mark (80%): a discard per
+    push there (each one syncs the volumes) slowed the drain; past halfway from the mark to full
+    (90%) a discard does not wait for discard_every_s."""
+    h = primary("async", journal_bytes=20 * (512 + RECORD_HEADER_BYTES))
+    g = h.core.primary.groups["v1"]
+
+    def answer_pushes(applied: int) -> list[int]:
+        g.last_discard = h.now                  # a discard just ran
+        for c in h.pending("journal.push"):
+            h.answer(c, wire.ok(applied=applied, incarnation="b#1"))
+        return discards(h)
+
+    for i in range(14):                          # 70% full: past half, below the mark
+        h.write("v1", i * 512, block("c"))
+    assert answer_pushes(applied=2) == []        # later, after discard_every_s
+    for i in range(14, 19):                      # 95% full (the writes past the mark are slowed)
+        h.write("v1", i * 512, block("d"))
+    h.advance(0.5)
+    assert g.space.used() >= 0.9 * g.space.capacity
+    assert answer_pushes(applied=4) == [4]       # at once
 
 
 def test_a_full_journal_folds_into_the_bitmap_and_the_host_never_fails() -> None:
