@@ -22,6 +22,7 @@ class Config:
     pull_idle_s: float = 0.02               # a pulling secondary with nothing new asks again after this
     push_batch_bytes: int = 4 * MiB         # journal data per push or pull message
     push_batch_entries: int = 1024
+    push_window: int = 4                    # pushes of a group in flight at once (a long link's round trip)
     direct_append_bytes_max: int = 256 * 1024   # an async write journaled without a task, at most (core/direct.py)
     push_cache_bytes: int = 32 * MiB        # journal data a group keeps in memory for its push (per group)
     discard_every_s: float = 0.05           # under load, free applied journal space this often

@@ -47,23 +47,6 @@ class Pending:
 LIVE_CHUNK = 64 * 1024          # the granularity of live_under
 
 
-@dataclass(slots=True, eq=False)
-class _Ahead:
-    """A push's next batch (``first..last``), read while the push before it travels."""
-
-    first: int
-    last: int
-    entries: list[JEntry] | None = None
-    done: bool = False
-
-    def usable(self, start: int, limit: int) -> list[JEntry]:
-        """Its entries if the push goes on from ``first`` (no error or reset meanwhile) and may
-        still send them all (a handover lowers the limit); else none: the loop reads again."""
-        if self.entries and self.first == start and self.entries[-1].seq <= limit:
-            return self.entries
-        return []
-
-
 class SourceGroup:
     """The journal management information of one group (SPEC 5.3) and its transfer."""
 
@@ -82,6 +65,9 @@ class SourceGroup:
         self.link_up = True
         self.last_error = ""
         self.peer_incarnation = ""
+        self.pushing = 0                                        # pushes in flight (push_window at most)
+        self.next_heartbeat = 0.0                               # an empty push then, if nothing else went
+        self.retry_at = 0.0                                     # after a failed push: the next one not before
         self.last_discard = 0.0
         self.lag: deque[tuple[int, float]] = deque()
         self.live_bytes = 0                                     # data bytes of entries (discarded, stored]
@@ -424,71 +410,89 @@ class SourceGroup:
         return None, "push", ""
 
     def push_loop(self) -> Generator[Any, Any, None]:
-        """Async-transfer (W) 212 with deferred discard (Fig. 26, 28, 30)."""
+        """Async-transfer (W) 212 with deferred discard (Fig. 26, 28, 30). While whole batches
+        wait, up to push_window pushes travel at once, each the batch after the one before (the
+        secondary's reorder buffer puts them in order), so a link with a long round trip is not
+        idle while a reply comes back; the next batch is made durable and read meanwhile."""
         cfg, rt = self.core.cfg, self.core.rt
-        next_heartbeat = 0.0
-        ahead: _Ahead | None = None
         while self.name in self.core.primary.groups:
             dest, transfer, pair_state = self.dest()
             if dest is None or pair_state == T.SUSPENDED or transfer == "pull" or self.folding:
                 yield Wait(("stored", self.name), timeout_s=cfg.heartbeat_s)
                 continue
-            start = max(self.next_send, self.discarded + 1)
-            limit = self.stored if not self.handover_below else min(self.stored, self.handover_below - 1)
-            if start > limit and rt.now < next_heartbeat:
-                yield Wait(("stored", self.name), timeout_s=next_heartbeat - rt.now)
+            if rt.now < self.retry_at:
+                yield Sleep(self.retry_at - rt.now)
+                continue
+            start, limit = self._send_range()
+            if start > limit and (self.pushing or rt.now < self.next_heartbeat):
+                yield Wait(("stored", self.name), timeout_s=max(self.next_heartbeat - rt.now, cfg.link_retry_s))
+                continue
+            last = self._batch_end(start, limit, self.batch_bytes()) if start <= limit else limit
+            if self.pushing >= cfg.push_window or (self.pushing and last == limit):
+                # the window is full, or less than a whole batch waits: it goes with the next
+                # reply, so small writes still gather into one push while another travels
+                yield Wait(("pushed", self.name), timeout_s=cfg.heartbeat_s)
                 continue
             entries: list[JEntry] = []
-            if ahead is not None:
-                while not ahead.done:
-                    yield Wait(("ahead", self.name))
-                entries = ahead.usable(start, limit)
-                ahead = None
-            if start <= limit and not entries:
-                last = self._batch_end(start, limit, self.batch_bytes())
-                yield from self.make_durable(last)
+            if start <= limit:
                 try:
-                    entries = yield from self.read_entries(start, last)
+                    entries = yield from self.outgoing(start, last)
                 except RangeNotStored:    # folded or discarded meanwhile
                     yield Wait(("discarded", self.name), timeout_s=cfg.link_retry_s)
                     continue
+                now_start, now_limit = self._send_range()
+                if now_start != start or entries[-1].seq > now_limit:
+                    continue              # a failed push, a fold or a handover meanwhile: from there
+                self.next_send = entries[-1].seq + 1
+            self.next_heartbeat = rt.now + cfg.heartbeat_s
+            self.pushing += 1
+            rt.spawn(self._push(dest, entries), f"push-{self.name}")
+
+    def _send_range(self) -> tuple[int, int]:
+        """The first entry the next push sends and the last it may send."""
+        return max(self.next_send, self.discarded + 1), self._last_sendable()
+
+    def _last_sendable(self) -> int:
+        """The last entry that may leave (V1 after a handover: only those below N0)."""
+        return self.stored if not self.handover_below else min(self.stored, self.handover_below - 1)
+
+    def outgoing(self, start: int, last: int) -> Generator[Any, Any, list[JEntry]]:
+        """Entries ``start..last`` for a push or a pull: an entry leaves the primary only once it
+        is durable (fsynced), else a power loss of the primary could leave the secondary holding
+        entries its journal lost."""
+        yield from self.make_durable(last)
+        return (yield from self.read_entries(start, last))
+
+    def _push(self, dest: PeerVolume, entries: list[JEntry]) -> Generator[Any, Any, None]:
+        """One push (no entries: a heartbeat) and what its reply says: the secondary's applied
+        number and incarnation. A failure or a new incarnation sends again from its applied
+        number on (what it holds already it ignores)."""
+        cfg, rt = self.core.cfg, self.core.rt
+        try:
             metas, frames, packed = entry_frames(entries)
-            if entries and entries[-1].seq < limit:      # the next batch is read while this one travels
-                after = entries[-1].seq + 1
-                ahead = _Ahead(after, self._batch_end(after, limit, self.batch_bytes()))
-                rt.spawn(self._read_ahead(ahead), f"push-ahead-{self.name}")
             try:
                 reply = yield from self.core.call(dest.node, dest.control, "journal.push", {
                     "group": self.name, "source": self.core.name, "entries": metas, "packed": packed},
                     frames, timeout_s=cfg.sync_timeout_s)
             except RcopyError as exc:
                 self.link_up, self.last_error = False, str(exc)
-                self.next_send = self.applied + 1
-                yield Sleep(cfg.link_retry_s)
-                continue
+                self.retry_at = rt.now + cfg.link_retry_s
+                self._resend_from(self.applied + 1)
+                return
             self.link_up, self.last_error = True, ""
-            next_heartbeat = rt.now + cfg.heartbeat_s
             if reply.get("incarnation") != self.peer_incarnation:
                 self.peer_incarnation = str(reply.get("incarnation", ""))
-                self.next_send = int(reply.get("applied", 0)) + 1   # its reorder buffer is gone
+                self._resend_from(int(reply.get("applied", 0)) + 1)   # its reorder buffer is gone
             elif entries:
-                self.next_send = entries[-1].seq + 1
                 self.transferred = max(self.transferred, entries[-1].seq)
             yield from self.note_applied(int(reply.get("applied", 0)))
-
-    def _read_ahead(self, ahead: "_Ahead") -> Generator[Any, Any, None]:
-        """The push's next batch, durable and read (from memory or the journal) while the push
-        before it is on its way; a failure leaves it to the push loop to read again."""
-        try:
-            yield from self.make_durable(ahead.last)
-            ahead.entries = yield from self.read_entries(ahead.first, ahead.last)
-        except RcopyError:
-            pass
-        except Exception as exc:  # noqa: BLE001 - a bug: said, and the loop reads the batch itself
-            self.core.log("bug", f"reading group {self.name}'s next push ahead failed: {type(exc).__name__}: {exc}")
         finally:
-            ahead.done = True
-            self.core.rt.notify(("ahead", self.name))
+            self.pushing -= 1
+            rt.notify(("pushed", self.name))
+
+    def _resend_from(self, seq: int) -> None:
+        self.next_send = seq
+        self.core.rt.notify(("stored", self.name))       # the push loop goes back there
 
     def serve_pull(self, msg: wire.Message) -> Generator[Any, Any, wire.Message]:
         """Fig. 32: entries from ``from_seq``; a range not stored is an error with no side effect."""
@@ -500,7 +504,7 @@ class SourceGroup:
         if self.handover_below and start >= self.handover_below:
             yield from self.note_applied(int(msg.get("applied", 0)))
             return wire.ok(entries=[], drained=True)
-        last_avail = self.stored if not self.handover_below else min(self.stored, self.handover_below - 1)
+        last_avail = self._last_sendable()
         if start == last_avail + 1:               # caught up: nothing new, not an error
             yield from self.note_applied(int(msg.get("applied", 0)))
             return wire.ok(entries=[], applied=self.applied)
@@ -510,8 +514,7 @@ class SourceGroup:
         yield from self.note_applied(int(msg.get("applied", 0)))
         last = self._batch_end(start, last_avail, min(int(msg.get("max_bytes", cfg.push_batch_bytes)),
                                                       self.batch_bytes()))
-        yield from self.make_durable(last)
-        entries = yield from self.read_entries(start, last)
+        entries = yield from self.outgoing(start, last)
         if entries:
             self.transferred = max(self.transferred, entries[-1].seq)
         metas, frames, packed = entry_frames(entries)
