@@ -66,7 +66,6 @@ class SourceGroup:
         self.last_error = ""
         self.peer_incarnation = ""
         self.pushing = 0                                        # pushes in flight (push_window at most)
-        self.next_heartbeat = 0.0                               # an empty push then, if nothing else went
         self.retry_at = 0.0                                     # after a failed push: the next one not before
         self.last_discard = 0.0
         self.lag: deque[tuple[int, float]] = deque()
@@ -415,6 +414,7 @@ class SourceGroup:
         secondary's reorder buffer puts them in order), so a link with a long round trip is not
         idle while a reply comes back; the next batch is made durable and read meanwhile."""
         cfg, rt = self.core.cfg, self.core.rt
+        next_heartbeat = 0.0                # an empty push then, if nothing else went
         while self.name in self.core.primary.groups:
             dest, transfer, pair_state = self.dest()
             if dest is None or pair_state == T.SUSPENDED or transfer == "pull" or self.folding:
@@ -424,8 +424,8 @@ class SourceGroup:
                 yield Sleep(self.retry_at - rt.now)
                 continue
             start, limit = self._send_range()
-            if start > limit and (self.pushing or rt.now < self.next_heartbeat):
-                yield Wait(("stored", self.name), timeout_s=max(self.next_heartbeat - rt.now, cfg.link_retry_s))
+            if start > limit and (self.pushing or rt.now < next_heartbeat):
+                yield Wait(("stored", self.name), timeout_s=max(next_heartbeat - rt.now, cfg.link_retry_s))
                 continue
             last = self._batch_end(start, limit, self.batch_bytes()) if start <= limit else limit
             if self.pushing >= cfg.push_window or (self.pushing and last == limit):
@@ -444,7 +444,7 @@ class SourceGroup:
                 if now_start != start or entries[-1].seq > now_limit:
                     continue              # a failed push, a fold or a handover meanwhile: from there
                 self.next_send = entries[-1].seq + 1
-            self.next_heartbeat = rt.now + cfg.heartbeat_s
+            next_heartbeat = rt.now + cfg.heartbeat_s
             self.pushing += 1
             rt.spawn(self._push(dest, entries), f"push-{self.name}")
 
