@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from . import process, wire
 from .cluster import Cluster, Endpoint, load, parse_volume
@@ -19,7 +19,24 @@ from .errors import NodeUnreachable, NotFound, RcopyError, StateError, UsageErro
 from .transport import ClientPool
 
 STATUS_TIMEOUT_S = 2.0
-NBDKIT_THREADS = int(os.environ.get("RCOPY_NBDKIT_THREADS", "8"))
+THREADS_MAX = 1024
+
+
+def nbdkit_threads(kind: str = "vvol_server", env: Mapping[str, str] = os.environ) -> int:
+    """nbdkit's ``--threads`` (worker threads per NBD connection) for a daemon of ``kind``:
+    RCOPY_NBDKIT_THREADS (8 unless set) for both kinds, RCOPY_NODE_NBDKIT_THREADS for storage
+    nodes only. One thread per connection suits a node that only virtual volumes read and write
+    (they keep one request in flight per connection; README, Limits); a client that sends many
+    requests on one connection then has them served one at a time (its sync writes each wait
+    for their own round trip)."""
+    names = ("RCOPY_NODE_NBDKIT_THREADS", "RCOPY_NBDKIT_THREADS") if kind == "node" else ("RCOPY_NBDKIT_THREADS",)
+    for name in names:
+        raw = env.get(name, "").strip()
+        if raw:
+            if not raw.isdigit() or not 1 <= int(raw) <= THREADS_MAX:
+                raise UsageError(f"{name}={raw!r}: give a whole number of threads from 1 to {THREADS_MAX}")
+            return int(raw)
+    return 8
 
 
 class Terminal:
@@ -82,7 +99,7 @@ class Terminal:
             params["metrics"] = ep.metrics
         tls = ["--tls=require", f"--tls-psk={ep.tls_psk}"] if ep.tls_psk else []
         pid = process.start_nbdkit(plugin, params, socket=ep.nbd, pidfile=str(ep.pidfile),
-                                   logfile=str(ep.logfile), threads=NBDKIT_THREADS, extra_args=tls,
+                                   logfile=str(ep.logfile), threads=nbdkit_threads(ep.kind), extra_args=tls,
                                    netns=ep.netns)
 
         def ready() -> bool:

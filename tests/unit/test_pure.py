@@ -211,3 +211,20 @@ def test_timeline_phase_spans_and_fio_log(tmp_path):
                            [{"time": 101.5, "phase": "migrating", "migrated_fraction": 0.5}], {"migrate": 101.0})
     assert built["latency_ms"] == [[0.2, 2.0]] and built["samples"][0]["t"] == 1.5
     assert built["events"] == {"migrate": 1.0}
+
+
+# ---------------------------------------------------------------- nbdkit threads per connection
+def test_nbdkit_threads_per_kind_of_daemon():
+    from replicator.terminal import nbdkit_threads
+    assert nbdkit_threads("node", {}) == nbdkit_threads("vvol_server", {}) == 8
+    both = {"RCOPY_NBDKIT_THREADS": "4"}
+    assert nbdkit_threads("node", both) == nbdkit_threads("vvol_server", both) == 4
+    nodes_only = {"RCOPY_NBDKIT_THREADS": "4", "RCOPY_NODE_NBDKIT_THREADS": "1"}
+    assert nbdkit_threads("node", nodes_only) == 1 and nbdkit_threads("vvol_server", nodes_only) == 4
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "two", "1.5", "100000"])
+def test_nbdkit_threads_refuses_what_is_not_a_thread_count(raw):
+    from replicator.terminal import nbdkit_threads
+    with pytest.raises(UsageError, match="RCOPY_NODE_NBDKIT_THREADS"):
+        nbdkit_threads("node", {"RCOPY_NODE_NBDKIT_THREADS": raw})
