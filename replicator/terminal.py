@@ -33,9 +33,13 @@ def nbdkit_threads(kind: str = "vvol_server", env: Mapping[str, str] = os.enviro
     for name in names:
         raw = env.get(name, "").strip()
         if raw:
-            if not raw.isdigit() or not 1 <= int(raw) <= THREADS_MAX:
+            try:
+                n = int(raw)
+            except ValueError:
+                n = 0
+            if not 1 <= n <= THREADS_MAX:
                 raise UsageError(f"{name}={raw!r}: give a whole number of threads from 1 to {THREADS_MAX}")
-            return int(raw)
+            return n
     return 8
 
 

@@ -223,7 +223,7 @@ def test_nbdkit_threads_per_kind_of_daemon():
     assert nbdkit_threads("node", nodes_only) == 1 and nbdkit_threads("vvol_server", nodes_only) == 4
 
 
-@pytest.mark.parametrize("raw", ["0", "-1", "two", "1.5", "100000"])
+@pytest.mark.parametrize("raw", ["0", "-1", "two", "1.5", "100000", "\u00b2"])
 def test_nbdkit_threads_refuses_what_is_not_a_thread_count(raw):
     from replicator.terminal import nbdkit_threads
     with pytest.raises(UsageError, match="RCOPY_NODE_NBDKIT_THREADS"):
