@@ -19,12 +19,13 @@ from .errors import NodeUnreachable, NotFound, RcopyError, StateError, UsageErro
 from .transport import ClientPool
 
 STATUS_TIMEOUT_S = 2.0
+THREADS_DEFAULT = 8                 # nbdkit worker threads per NBD connection unless set
 THREADS_MAX = 1024
 
 
 def nbdkit_threads(kind: str = "vvol_server", env: Mapping[str, str] = os.environ) -> int:
     """nbdkit's ``--threads`` (worker threads per NBD connection) for a daemon of ``kind``:
-    RCOPY_NBDKIT_THREADS (8 unless set) for both kinds, RCOPY_NODE_NBDKIT_THREADS for storage
+    RCOPY_NBDKIT_THREADS (THREADS_DEFAULT unless set) for both kinds, RCOPY_NODE_NBDKIT_THREADS for storage
     nodes only. One thread per connection suits a node that only virtual volumes read and write
     (they keep one request in flight per connection; README, Limits); a client that sends many
     requests on one connection then has them served one at a time (its sync writes each wait
@@ -40,7 +41,7 @@ def nbdkit_threads(kind: str = "vvol_server", env: Mapping[str, str] = os.enviro
             if not 1 <= n <= THREADS_MAX:
                 raise UsageError(f"{name}={raw!r}: give a whole number of threads from 1 to {THREADS_MAX}")
             return n
-    return 8
+    return THREADS_DEFAULT
 
 
 class Terminal:
